@@ -1,0 +1,162 @@
+"""The one typed view of `params.yaml`.
+
+`load_config()` parses the file once into frozen pydantic models. Unknown keys, wrong
+types and out-of-range values are rejected before any work starts, with the dotted key
+(`train.epochs`) and what it accepts in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+# Fashion-MNIST's training split has 60000 examples; `data.limit` can only shrink it.
+FULL_TRAIN_SIZE = 60_000
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) is invalid; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    # frozen: config cannot change after parsing; forbid: a typo is an error, not a no-op;
+    # strict: "10" is not silently an int, 1.5 is not silently truncated.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DataConfig(_Section):
+    mirror_dir: str = Field(
+        "/usr/share/datasets/fashion-mnist",
+        min_length=1,
+        description="Folder with the four raw IDX .gz files (Debian's dataset-fashion-mnist).",
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        le=FULL_TRAIN_SIZE,
+        description="Keep the first N training examples (null: all); the test split stays whole.",
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(256, ge=1, le=65_536)
+
+
+class GenerateConfig(_Section):
+    num_samples: int = Field(10_000, ge=1, le=1_000_000)
+
+
+class Config(_Section):
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see params.yaml"
+        return f"{key}: unknown key (allowed here: {allowed})"
+    message = f"{key}: {error['msg']} (got {error['input']!r})"
+    allowed = _allowed_values(error["loc"])
+    return f"{message}; allowed: {allowed}" if allowed else message
+
+
+def _allowed_values(loc: tuple[Any, ...]) -> str | None:
+    """Say what a leaf key accepts, from its type and bounds: 'int >= 1, <= 60000, or null'."""
+    parent = _model_at(loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent and loc else None
+    if field is None or (
+        isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    ):
+        return None
+    bounds = []
+    for rule in field.metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(rule, attr, None) is not None:
+                bounds.append(f"{symbol} {getattr(rule, attr)}")
+        if getattr(rule, "min_length", None):
+            bounds.append(f"length >= {rule.min_length}")
+    kinds = [a.__name__ for a in getattr(field.annotation, "__args__", (field.annotation,))]
+    nullable = "NoneType" in kinds
+    text = " or ".join(k for k in kinds if k != "NoneType")
+    if bounds:
+        text += " " + ", ".join(bounds)
+    return text + (", or null" if nullable else "")
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the keys at `loc` (() is the top level)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_config(raw: Mapping[str, Any] | None, source: str = "params.yaml") -> Config:
+    """Validate a params mapping; raise ConfigError naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {raw!r}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source} is invalid:\n{problems}") from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted keys (`"train.epochs": 5`) set.
+
+    Only the structure is touched here; `parse_config` then checks the result, so an
+    override with an unknown key or a bad value fails with the same message as the file.
+    """
+    merged = copy.deepcopy(dict(raw))
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {dotted!r}: not a dotted params key like 'train.epochs'")
+        node = merged
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {dotted!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_config(
+    path: str | Path = DEFAULT_PARAMS_PATH, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read params.yaml (plus optional dotted overrides) into a frozen Config."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; run from the repository root or pass --params PATH"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        raw = apply_overrides(raw or {}, overrides)
+    return parse_config(raw, source=str(path))
