@@ -1,0 +1,133 @@
+"""End to end on the real data: `dvc repro ingest` in a fresh git clone, read back with tfds.
+
+Needs Debian's dataset-fashion-mnist mirror (`make test` installs it when it can).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from components.idx import FASHION_MNIST
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+MIRROR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, (
+        f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
+    )
+    return completed
+
+
+def clone_working_tree(dest: Path) -> Path:
+    """A real git repository holding this checkout's files (committed or not, minus ignored)."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listing.split("\0")):
+        source = REPO_ROOT / rel
+        if source.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "clone for test"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    if not all((MIRROR / f.filename).is_file() for f in FASHION_MNIST.files()):
+        pytest.fail(
+            f"the Fashion-MNIST mirror is missing from {MIRROR}: "
+            "run `make test` (it installs it) or `apt-get install dataset-fashion-mnist`"
+        )
+    root = tmp_path_factory.mktemp("e2e")
+    clone = clone_working_tree(root / "clone")
+    home = root / "home"  # the default DVC remote lives under ~: keep it in the sandbox
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    return clone, env
+
+
+@pytest.fixture(scope="module")
+def reproduced(workspace) -> tuple[Path, dict[str, str]]:
+    clone, env = workspace
+    started = time.perf_counter()
+    completed = run(["dvc", "repro", "ingest"], clone, env)
+    print(f"dvc repro ingest: {time.perf_counter() - started:.1f} s")
+    assert "Running stage 'ingest'" in completed.stdout
+    return clone, env
+
+
+def test_repro_ingest_writes_the_full_dataset_readable_by_tfds(reproduced):
+    clone, _ = reproduced
+    data_dir = clone / "data"
+    builder = tfds.builder("fashion_mnist", data_dir=str(data_dir))
+    assert builder.info.features["label"].num_classes == 10
+    splits = tfds.as_numpy(tfds.load("fashion_mnist", data_dir=str(data_dir), batch_size=-1))
+    train, test = splits["train"], splits["test"]
+    assert train["image"].shape == (60_000, 28, 28, 1) and train["image"].dtype == np.uint8
+    assert test["image"].shape == (10_000, 28, 28, 1)
+    assert np.bincount(train["label"], minlength=10).tolist() == [6000] * 10
+    assert np.bincount(test["label"], minlength=10).tolist() == [1000] * 10
+    # The measured profile of the real data (shared/facts.md): a sanity check of the pixels.
+    assert train["image"].mean() == pytest.approx(72.94, abs=0.01)
+
+
+def test_outputs_are_versioned_by_dvc_not_git(reproduced):
+    clone, env = reproduced
+    status = run(["git", "status", "--porcelain"], clone, env).stdout.split("\n")
+    changed = sorted(line[3:] for line in status if line)
+    assert changed == ["dvc.lock"], changed  # the data itself is ignored by git
+    lock = (clone / "dvc.lock").read_text()
+    assert "data/fashion_mnist" in lock and "nfiles" in lock
+
+
+def test_second_repro_does_nothing_and_says_so(reproduced):
+    clone, env = reproduced
+    marker = clone / "data" / "fashion_mnist" / "ingest.json"
+    mtime = marker.stat().st_mtime_ns
+    started = time.perf_counter()
+    completed = run(["dvc", "repro"], clone, env)
+    print(f"no-op dvc repro: {time.perf_counter() - started:.1f} s")
+    assert "Stage 'ingest' didn't change, skipping" in completed.stdout
+    assert "Data and pipelines are up to date." in completed.stdout
+    assert marker.stat().st_mtime_ns == mtime
+
+
+def test_push_and_pull_through_the_default_local_remote(reproduced):
+    clone, env = reproduced
+    run(["dvc", "push"], clone, env)
+    remote = Path(env["HOME"]) / ".cache" / "dcgan-pipeline" / "dvc-remote"
+    assert any(p.is_file() for p in remote.rglob("*")), "nothing arrived in the remote"
+
+    # A second clone with nothing but git's files gets the data from the remote.
+    other = clone_working_tree(clone.parent / "other")
+    shutil.copy2(clone / "dvc.lock", other / "dvc.lock")
+    run(["dvc", "pull"], other, env)
+    restored = other / "data" / "fashion_mnist" / "3.0.1" / "dataset_info.json"
+    assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
+    assert "up to date" in run(["dvc", "status"], other, env).stdout
