@@ -8,7 +8,10 @@ UV_VERSION := 0.13.8
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
-SYNCED := $(VENV)/.synced
+# `make run GPU=1` (or env/test) adds the CUDA libraries: the `gpu` extra of pyproject.toml.
+GPU ?=
+SYNC_FLAGS := --frozen --python 3.11 $(if $(GPU),--extra gpu)
+SYNCED := $(VENV)/.synced$(if $(GPU),-gpu)
 MIRROR_DIR := /usr/share/datasets/fashion-mnist
 
 # Every recipe (and every DVC stage it starts) uses the project's environment.
@@ -31,13 +34,15 @@ help:
 	@echo "make test   - run the test suite"
 	@echo "make lint   - ruff check and format check"
 	@echo "make env    - only build the environment (.venv) from uv.lock"
+	@echo "add GPU=1 to any of them to install TensorFlow's CUDA libraries too"
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(SYNCED): uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen --python 3.11
+	$(UV) sync $(SYNC_FLAGS)
+	@rm -f $(VENV)/.synced*
 	@touch $@
 
 env: $(SYNCED)
