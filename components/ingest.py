@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import shutil
@@ -204,24 +205,32 @@ def write_tfds_dataset(arrays: FashionMnistArrays, scratch_dir: Path) -> Path:
     """Write both splits in tfds format under `scratch_dir`; return the dataset folder."""
     import tensorflow_datasets as tfds
 
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=TFDS_NAME,
-        version=TFDS_VERSION,
-        features=_features(),
-        split_datasets={
-            "train": _examples(arrays.train_images, arrays.train_labels),
-            "test": _examples(arrays.test_images, arrays.test_labels),
-        },
-        data_dir=scratch_dir,
-        description=(
-            "Fashion-MNIST (Zalando): 28x28 grey images of 10 garment classes, "
-            "written by the dcgan-pipeline ingest stage from the verified raw IDX files."
-        ),
-        homepage="https://github.com/zalandoresearch/fashion-mnist",
-        # Keep source order, so that `data.limit` means "the first N" on disk too.
-        disable_shuffling=True,
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-    )
+    # tfds prints "Downloading and preparing dataset..." even though nothing is downloaded
+    # here; our own log lines say what happens, so keep that misleading line out.
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder = tfds.dataset_builders.store_as_tfds_dataset(
+            name=TFDS_NAME,
+            version=TFDS_VERSION,
+            features=_features(),
+            split_datasets={
+                "train": _examples(arrays.train_images, arrays.train_labels),
+                "test": _examples(arrays.test_images, arrays.test_labels),
+            },
+            data_dir=scratch_dir,
+            description=(
+                "Fashion-MNIST (Zalando): 28x28 grey images of 10 garment classes, "
+                "written by the dcgan-pipeline ingest stage from the verified raw IDX files."
+            ),
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            # Keep source order, so that `data.limit` means "the first N" on disk too.
+            disable_shuffling=True,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
+    # What tfds says it wrote must be what we handed it, before it replaces anything.
+    written = {name: split.num_examples for name, split in builder.info.splits.items()}
+    expected = {"train": len(arrays.train_labels), "test": len(arrays.test_labels)}
+    if written != expected:
+        raise RuntimeError(f"tfds wrote {written} examples, expected {expected}")
     return scratch_dir / TFDS_NAME
 
 
@@ -340,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+    # tfds narrates its internals through absl at INFO/WARNING; our own lines say what happens.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
     try:
         cfg = load_config(args.params)
