@@ -32,23 +32,32 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
     return completed
 
 
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
 def clone_working_tree(dest: Path) -> Path:
-    """A real git repository holding this checkout's files (committed or not, minus ignored)."""
-    listing = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    """`git clone` of this repository, plus its uncommitted changes committed on top.
+
+    In CI the checkout is clean and this is a plain clone; while developing, the clone
+    still tests the files as they are in the working tree.
+    """
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(dest)], check=True)
+    changed = subprocess.run(
+        ["git", "ls-files", "-z", "--modified", "--deleted", "--others", "--exclude-standard"],
         cwd=REPO_ROOT,
         capture_output=True,
         check=True,
     ).stdout.decode()
-    for rel in filter(None, listing.split("\0")):
-        source = REPO_ROOT / rel
+    for rel in sorted(set(filter(None, changed.split("\0")))):
+        source, target = REPO_ROOT / rel, dest / rel
         if source.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / rel)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "clone for test"], cwd=dest, check=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        else:
+            target.unlink(missing_ok=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest).returncode:
+        subprocess.run([*GIT, "commit", "-q", "-m", "working-tree changes"], cwd=dest, check=True)
     return dest
 
 
@@ -131,3 +140,27 @@ def test_push_and_pull_through_the_default_local_remote(reproduced):
     restored = other / "data" / "fashion_mnist" / "3.0.1" / "dataset_info.json"
     assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
     assert "up to date" in run(["dvc", "status"], other, env).stdout
+
+
+def test_failed_repro_keeps_the_earlier_dataset(reproduced, tmp_path: Path):
+    """A damaged mirror fails the stage, names the file, and the dataset stays as it was."""
+    clone, env = reproduced
+    dataset = clone / "data" / "fashion_mnist"
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken-mirror"
+    shutil.copytree(MIRROR, broken)
+    labels = broken / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:1000])
+    params = clone / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace(f"mirror_dir: {MIRROR}", f"mirror_dir: {broken}"))
+    try:
+        completed = subprocess.run(
+            ["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True
+        )
+    finally:
+        params.write_text(original)
+    assert completed.returncode != 0
+    assert f"{labels}: truncated gzip stream" in completed.stderr
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    assert "up to date" in run(["dvc", "status"], clone, env).stdout
