@@ -27,11 +27,12 @@ import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import tensorflow_datasets as tfds  # cheap: TensorFlow itself loads on first use
 
 from components.config import ConfigError, DataConfig, load_config
 from components.idx import FASHION_MNIST, SourceError, SourceSpec, read_idx
@@ -108,9 +109,8 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _make_download_manager(**kwargs):
-    import tensorflow_datasets as tfds
-
+def _make_download_manager(**kwargs) -> tfds.download.DownloadManager:
+    """tfds's download manager (one place to build it, so tests can stand in for it)."""
     return tfds.download.DownloadManager(**kwargs)
 
 
@@ -119,12 +119,10 @@ def download_with_tfds(spec: SourceSpec, download_dir: Path) -> tuple[dict[str, 
 
     Returns the downloaded paths by file name and the URL prefix they came from.
     """
-    import tensorflow_datasets as tfds
-
     builder_cls = tfds.builder_cls(TFDS_NAME)
     base_url = builder_cls.URL
-    host = urlparse(base_url).hostname or ""
-    port = urlparse(base_url).port or 80
+    url = urlparse(base_url)
+    host, port = url.hostname or "", url.port or 80
     try:  # fail in seconds when offline instead of waiting on retries
         socket.create_connection((host, port), timeout=NETWORK_TIMEOUT_S).close()
     except OSError as exc:
@@ -190,8 +188,6 @@ def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dic
 
 
 def _features():
-    import tensorflow_datasets as tfds
-
     # The same features as tfds's own fashion_mnist builder.
     return tfds.features.FeaturesDict(
         {
@@ -203,8 +199,6 @@ def _features():
 
 def write_tfds_dataset(arrays: FashionMnistArrays, scratch_dir: Path) -> Path:
     """Write both splits in tfds format under `scratch_dir`; return the dataset folder."""
-    import tensorflow_datasets as tfds
-
     # tfds prints "Downloading and preparing dataset..." even though nothing is downloaded
     # here; our own log lines say what happens, so keep that misleading line out.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -277,9 +271,12 @@ def run_ingest(
     download_dir: Path | None = None,
 ) -> IngestResult:
     """Verify the source, then write it to `out_dir` in tfds format (atomically)."""
-    import tensorflow_datasets as tfds
-
     started = time.perf_counter()
+    available = spec.train.images.count
+    if cfg.limit is not None and cfg.limit > available:
+        raise ConfigError(
+            f"data.limit: {cfg.limit} exceeds the {available} training examples in the source"
+        )
     out_dir = Path(out_dir)
     recover_interrupted(out_dir)
     mirror_dir = Path(cfg.mirror_dir)
@@ -294,22 +291,13 @@ def run_ingest(
 
     arrays = read_verified(paths, spec)
     if cfg.limit is not None:
-        if cfg.limit > arrays.train_images.shape[0]:
-            raise ConfigError(
-                f"data.limit: {cfg.limit} exceeds the {arrays.train_images.shape[0]} "
-                "training examples in the source"
-            )
-        arrays = FashionMnistArrays(
+        arrays = replace(
+            arrays,
             train_images=arrays.train_images[: cfg.limit],
             train_labels=arrays.train_labels[: cfg.limit],
-            test_images=arrays.test_images,
-            test_labels=arrays.test_labels,
         )
-    log.info(
-        "verified %d train + %d test examples; writing tfds dataset",
-        arrays.train_images.shape[0],
-        arrays.test_images.shape[0],
-    )
+    n_train, n_test = len(arrays.train_labels), len(arrays.test_labels)
+    log.info("verified %d train + %d test examples; writing tfds dataset", n_train, n_test)
 
     tfds.disable_progress_bar()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -322,8 +310,8 @@ def run_ingest(
             "location": location,
             "sha256": {f.filename: f.sha256 for f in spec.files()},
             "limit": cfg.limit,
-            "train_examples": int(arrays.train_images.shape[0]),
-            "test_examples": int(arrays.test_images.shape[0]),
+            "train_examples": n_train,
+            "test_examples": n_test,
         }
         (dataset_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         replace_dir(dataset_dir, out_dir)
@@ -334,8 +322,8 @@ def run_ingest(
         out_dir=out_dir,
         source=source,
         location=location,
-        train_examples=int(arrays.train_images.shape[0]),
-        test_examples=int(arrays.test_images.shape[0]),
+        train_examples=n_train,
+        test_examples=n_test,
         seconds=time.perf_counter() - started,
     )
 
