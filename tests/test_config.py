@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
 from components.config import (
     Config,
@@ -98,3 +99,30 @@ def test_override_structure_errors():
     original = {"train": {"epochs": 1}}
     apply_overrides(original, {"train.epochs": 9})
     assert original == {"train": {"epochs": 1}}  # the input is not mutated
+
+
+def _leaf_keys(model: type[pydantic.BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            keys |= _leaf_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_params_yaml_spells_out_every_knob():
+    """No hidden defaults: DVC tracks params by key, so each one must be in the file."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+    def flatten(node: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for name, value in node.items():
+            if isinstance(value, dict):
+                keys |= flatten(value, f"{prefix}{name}.")
+            else:
+                keys.add(f"{prefix}{name}")
+        return keys
+
+    assert flatten(raw) == _leaf_keys(Config)
