@@ -61,6 +61,13 @@ class Config(_Section):
     generate: GenerateConfig = GenerateConfig()
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class when a field holds a section (a nested model), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -76,9 +83,7 @@ def _allowed_values(loc: tuple[Any, ...]) -> str | None:
     """Say what a leaf key accepts, from its type and bounds: 'int >= 1, <= 60000, or null'."""
     parent = _model_at(loc[:-1])
     field = parent.model_fields.get(str(loc[-1])) if parent and loc else None
-    if field is None or (
-        isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-    ):
+    if field is None or _section_model(field.annotation):
         return None
     bounds = []
     for rule in field.metadata:
@@ -100,10 +105,10 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
         field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section_model(field.annotation) if field else None
+        if section is None:
             return None
-        model = annotation
+        model = section
     return model
 
 

@@ -16,6 +16,11 @@ from components.idx import IMAGES_MAGIC, LABELS_MAGIC, IdxFile, SourceSpec, Spli
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes, to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode uint8 images [N, H, W] or labels [N] in the IDX format."""
     if array.ndim == 3:

@@ -17,16 +17,12 @@ import tensorflow_datasets as tfds
 from components import ingest
 from components.config import ConfigError, DataConfig
 from components.idx import SourceError
-from tests.conftest import REPO_ROOT, TinyMirror, idx_bytes, write_gz
+from tests.conftest import REPO_ROOT, TinyMirror, idx_bytes, snapshot, write_gz
 
 
 def read_split(dataset_dir: Path, split: str) -> dict[str, np.ndarray]:
     builder = tfds.builder_from_directory(str(dataset_dir / ingest.TFDS_VERSION))
     return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_writes_tfds_dataset_with_fashion_mnist_features(tiny_mirror: TinyMirror, tmp_path: Path):

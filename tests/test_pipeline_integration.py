@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from components.idx import FASHION_MNIST
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +146,7 @@ def test_failed_repro_keeps_the_earlier_dataset(reproduced, tmp_path: Path):
     """A damaged mirror fails the stage, names the file, and the dataset stays as it was."""
     clone, env = reproduced
     dataset = clone / "data" / "fashion_mnist"
-    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    before = snapshot(dataset)
     broken = tmp_path / "broken-mirror"
     shutil.copytree(MIRROR, broken)
     labels = broken / "train-labels-idx1-ubyte.gz"
@@ -162,5 +162,5 @@ def test_failed_repro_keeps_the_earlier_dataset(reproduced, tmp_path: Path):
         params.write_text(original)
     assert completed.returncode != 0
     assert f"{labels}: truncated gzip stream" in completed.stderr
-    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    assert snapshot(dataset) == before
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
