@@ -19,11 +19,9 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import socket
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorflow_datasets as tfds  # cheap: TensorFlow itself loads on first use
 
+from components.atomic import recover_interrupted, replace_dir, scratch_beside
 from components.config import ConfigError, DataConfig, load_config
 from components.idx import FASHION_MNIST, SourceError, SourceSpec, read_idx
 
@@ -228,38 +227,6 @@ def write_tfds_dataset(arrays: FashionMnistArrays, scratch_dir: Path) -> Path:
     return scratch_dir / TFDS_NAME
 
 
-def replace_dir(new_dir: Path, out_dir: Path) -> None:
-    """Move `new_dir` to `out_dir`, keeping the old `out_dir` until the new one is in place."""
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{time.time_ns()}")
-        out_dir.rename(backup)
-    try:
-        new_dir.rename(out_dir)
-    except BaseException:
-        if backup is not None:
-            backup.rename(out_dir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def recover_interrupted(out_dir: Path) -> None:
-    """Undo what a killed run left beside `out_dir`: restore its backup, drop scratch folders.
-
-    `replace_dir` renames the old output to a backup before moving the new one in; a kill
-    between the two renames leaves only the backup, which is the earlier run's good output.
-    """
-    parent = out_dir.parent
-    backups = sorted(parent.glob(f".{out_dir.name}.old-*"))
-    if backups and not out_dir.exists():
-        log.warning("restoring %s from an interrupted run's backup %s", out_dir, backups[-1])
-        backups.pop().rename(out_dir)
-    for leftover in [*backups, *parent.glob(f".{out_dir.name}.tmp-*")]:
-        log.info("removing %s left by an interrupted run", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _default_download_dir() -> Path:
     return Path.home() / "tensorflow_datasets" / "downloads"
 
@@ -300,10 +267,7 @@ def run_ingest(
     log.info("verified %d train + %d test examples; writing tfds dataset", n_train, n_test)
 
     tfds.disable_progress_bar()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # The scratch folder sits beside the output so that the final move is a rename.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with scratch_beside(out_dir) as scratch:
         dataset_dir = write_tfds_dataset(arrays, scratch)
         provenance = {
             "source": source,
@@ -315,8 +279,6 @@ def run_ingest(
         }
         (dataset_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         replace_dir(dataset_dir, out_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     return IngestResult(
         out_dir=out_dir,
