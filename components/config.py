@@ -8,6 +8,7 @@ types and out-of-range values are rejected before any work starts, with the dott
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ class DataConfig(_Section):
     )
 
 
+class ReferenceProfile(_Section):
+    """Pixel statistics of the real data; a split that strays from them is a different dataset."""
+
+    mean: float = Field(72.94, ge=0, le=255, description="Fashion-MNIST train pixel mean.")
+    std: float = Field(90.02, gt=0, le=255, description="Fashion-MNIST train pixel std.")
+    tolerance: float = Field(5.0, gt=0, le=255, description="Allowed distance, in pixel units.")
+
+
+class ValidateConfig(_Section):
+    min_image_std: float = Field(
+        5.0, ge=0, le=255, description="Below this per-image pixel std: a blank or saturated image."
+    )
+    class_share_tolerance: float = Field(
+        0.01, ge=0, le=1, description="Allowed distance of a class's share from 1/10."
+    )
+    reference: ReferenceProfile = ReferenceProfile()
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(256, ge=1, le=65_536)
@@ -54,11 +73,17 @@ class GenerateConfig(_Section):
     num_samples: int = Field(10_000, ge=1, le=1_000_000)
 
 
-class Config(_Section):
-    seed: int = Field(42, ge=0, le=2**31 - 1)
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    generate: GenerateConfig = GenerateConfig()
+with warnings.catch_warnings():
+    # The section is named after its stage, `validate`, which shadows pydantic's deprecated
+    # `BaseModel.validate` classmethod; nothing here uses that, so the warning is noise.
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class Config(_Section):
+        seed: int = Field(42, ge=0, le=2**31 - 1)
+        data: DataConfig = DataConfig()
+        validate: ValidateConfig = ValidateConfig()
+        train: TrainConfig = TrainConfig()
+        generate: GenerateConfig = GenerateConfig()
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

@@ -26,6 +26,8 @@ def test_repository_params_parse_into_frozen_config():
     assert cfg.data.limit is None
     assert cfg.train.batch_size == 256
     assert cfg.generate.num_samples == 10_000
+    assert cfg.validate.reference.mean == 72.94
+    assert cfg.validate.reference.std == 90.02
     with pytest.raises(pydantic.ValidationError):
         cfg.train.epochs = 3  # frozen: nothing changes config after parsing
 
@@ -47,8 +49,21 @@ def test_repository_params_parse_into_frozen_config():
         ({"seed": True}, "seed", "valid integer"),
         ({"generate": {"num_samples": 0}}, "generate.num_samples", ">= 1"),
         ({"data": {"limt": 10}}, "data.limt", "unknown key (allowed here: mirror_dir, limit)"),
-        ({"trian": {"epochs": 1}}, "trian", "unknown key (allowed here: seed, data, train"),
+        (
+            {"trian": {"epochs": 1}},
+            "trian",
+            "unknown key (allowed here: seed, data, validate, train",
+        ),
         ({"data": 7}, "data", "valid dictionary"),
+        ({"validate": {"min_image_std": -1}}, "validate.min_image_std", ">= 0"),
+        ({"validate": {"class_share_tolerance": 2}}, "validate.class_share_tolerance", "<= 1"),
+        ({"validate": {"reference": {"tolerance": 0}}}, "validate.reference.tolerance", "> 0"),
+        ({"validate": {"reference": {"std": "90"}}}, "validate.reference.std", "valid number"),
+        (
+            {"validate": {"reference": {"mena": 70}}},
+            "validate.reference.mena",
+            "unknown key (allowed here: mean, std, tolerance)",
+        ),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(raw, key, fragment):
