@@ -1,17 +1,29 @@
-"""Shared fixtures: tiny IDX mirrors written by the tests themselves."""
+"""Shared fixtures: tiny IDX mirrors and tfds datasets written by the tests themselves."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from components.idx import IMAGES_MAGIC, LABELS_MAGIC, IdxFile, SourceSpec, Split
+from components import ingest
+from components.idx import (
+    FASHION_MNIST,
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    IdxFile,
+    SourceSpec,
+    Split,
+    read_idx,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +83,84 @@ def make_tiny_mirror(root: Path, n_train: int = 40, n_test: int = 20, seed: int 
 @pytest.fixture
 def tiny_mirror(tmp_path: Path) -> TinyMirror:
     return make_tiny_mirror(tmp_path / "mirror")
+
+
+MIRROR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def require_mirror() -> Path:
+    """The real Fashion-MNIST mirror, or a failure that says how to install it."""
+    if not all((MIRROR / f.filename).is_file() for f in FASHION_MNIST.files()):
+        pytest.fail(
+            f"the Fashion-MNIST mirror is missing from {MIRROR}: "
+            "run `make test` (it installs it) or `apt-get install dataset-fashion-mnist`"
+        )
+    return MIRROR
+
+
+@dataclass
+class Splits:
+    """Images (each [H, W] uint8) and labels of a train and a test split, to write as tfds."""
+
+    train_images: list[np.ndarray]
+    train_labels: np.ndarray
+    test_images: list[np.ndarray]
+    test_labels: np.ndarray
+
+    def copy(self) -> Splits:
+        return Splits(
+            [i.copy() for i in self.train_images],
+            self.train_labels.copy(),
+            [i.copy() for i in self.test_images],
+            self.test_labels.copy(),
+        )
+
+
+def real_sample(n_train: int, n_test: int) -> Splits:
+    """The first examples of the real data (verified against the pinned digests)."""
+    mirror = require_mirror()
+    spec = FASHION_MNIST
+
+    def read(idx_file: IdxFile) -> np.ndarray:
+        return read_idx(mirror / idx_file.filename, idx_file, spec).copy()  # writable
+
+    return Splits(
+        list(read(spec.train.images)[:n_train]),
+        read(spec.train.labels)[:n_train],
+        list(read(spec.test.images)[:n_test]),
+        read(spec.test.labels)[:n_test],
+    )
+
+
+def write_tfds(root: Path, splits: Splits, image_shape=(28, 28, 1)) -> Path:
+    """Write `splits` as a prepared tfds dataset (features as ingest writes them, with
+    `image_shape` declared); return its folder, as `data/fashion_mnist/3.0.1` is."""
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=image_shape),
+            # A label beyond 0..9 needs a wider label feature to be written at all.
+            "label": tfds.features.ClassLabel(
+                num_classes=max(10, int(splits.train_labels.max()) + 1)
+            ),
+        }
+    )
+
+    def examples(images, labels):
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            yield index, {"image": ingest._png(image), "label": int(label)}
+
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=ingest.TFDS_NAME,
+            version=ingest.TFDS_VERSION,
+            features=features,
+            split_datasets={
+                "train": examples(splits.train_images, splits.train_labels),
+                "test": examples(splits.test_images, splits.test_labels),
+            },
+            data_dir=root,
+            disable_shuffling=True,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
+    return root / ingest.TFDS_NAME / ingest.TFDS_VERSION
