@@ -27,11 +27,12 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help env mirror run test lint clean-env
+.PHONY: help env mirror run test bench lint clean-env
 
 help:
 	@echo "make run    - run the pipeline (dvc repro) on params.yaml"
 	@echo "make test   - run the test suite"
+	@echo "make bench  - run the benchmarks (ingests the data first if needed)"
 	@echo "make lint   - ruff check and format check"
 	@echo "make env    - only build the environment (.venv) from uv.lock"
 	@echo "add GPU=1 to any of them to install TensorFlow's CUDA libraries too"
@@ -55,6 +56,10 @@ run: env mirror
 
 test: env mirror
 	pytest
+
+bench: env mirror
+	dvc repro ingest
+	python benchmarks/validate_speed.py
 
 lint: env
 	ruff check . && ruff format --check .

@@ -1,10 +1,12 @@
-"""End to end on the real data: `dvc repro ingest` in a fresh git clone, read back with tfds.
+"""End to end on the real data: `dvc repro` in a fresh git clone (ingest, then the
+validation gate), the dataset read back with tfds, and the gate stopping bad data.
 
 Needs Debian's dataset-fashion-mnist mirror (`make test` installs it when it can).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,12 +18,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from components.idx import FASHION_MNIST
-from tests.conftest import REPO_ROOT, snapshot
+from tests.conftest import MIRROR, REPO_ROOT, real_sample, require_mirror, snapshot, write_tfds
 
 pytestmark = pytest.mark.integration
-
-MIRROR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -63,11 +62,7 @@ def clone_working_tree(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    if not all((MIRROR / f.filename).is_file() for f in FASHION_MNIST.files()):
-        pytest.fail(
-            f"the Fashion-MNIST mirror is missing from {MIRROR}: "
-            "run `make test` (it installs it) or `apt-get install dataset-fashion-mnist`"
-        )
+    require_mirror()
     root = tmp_path_factory.mktemp("e2e")
     clone = clone_working_tree(root / "clone")
     home = root / "home"  # the default DVC remote lives under ~: keep it in the sandbox
@@ -85,10 +80,27 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def reproduced(workspace) -> tuple[Path, dict[str, str]]:
     clone, env = workspace
     started = time.perf_counter()
-    completed = run(["dvc", "repro", "ingest"], clone, env)
-    print(f"dvc repro ingest: {time.perf_counter() - started:.1f} s")
+    completed = run(["dvc", "repro"], clone, env)
+    print(f"dvc repro: {time.perf_counter() - started:.1f} s")
     assert "Running stage 'ingest'" in completed.stdout
+    assert "Running stage 'validate'" in completed.stdout
     return clone, env
+
+
+def test_the_real_dataset_passes_validation(reproduced):
+    clone, _ = reproduced
+    report = clone / "reports" / "validation"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["passed"] is True and summary["failed"] == []
+    assert summary["checks_evaluated"] == 27
+    assert summary["counts"]["train"]["per_class"] == [6000] * 10
+    assert summary["counts"]["test"]["per_class"] == [1000] * 10
+    assert summary["counts"]["train"]["duplicate_images"] == 0
+    assert summary["counts"]["test"]["duplicate_images"] == 0
+    assert summary["counts"]["test"]["also_in_train"] == 0
+    assert summary["profile"]["train"] == {"pixel_mean": 72.9404, "pixel_std": 90.0212}
+    assert (report / "data_docs" / "index.html").is_file()
+    assert json.loads((report / "results.json").read_text())["success"] is True
 
 
 def test_repro_ingest_writes_the_full_dataset_readable_by_tfds(reproduced):
@@ -123,6 +135,7 @@ def test_second_repro_does_nothing_and_says_so(reproduced):
     completed = run(["dvc", "repro"], clone, env)
     print(f"no-op dvc repro: {time.perf_counter() - started:.1f} s")
     assert "Stage 'ingest' didn't change, skipping" in completed.stdout
+    assert "Stage 'validate' didn't change, skipping" in completed.stdout
     assert "Data and pipelines are up to date." in completed.stdout
     assert marker.stat().st_mtime_ns == mtime
 
@@ -137,8 +150,11 @@ def test_push_and_pull_through_the_default_local_remote(reproduced):
     other = clone_working_tree(clone.parent / "other")
     shutil.copy2(clone / "dvc.lock", other / "dvc.lock")
     run(["dvc", "pull"], other, env)
-    restored = other / "data" / "fashion_mnist" / "3.0.1" / "dataset_info.json"
-    assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
+    for restored in (
+        other / "data" / "fashion_mnist" / "3.0.1" / "dataset_info.json",
+        other / "reports" / "validation" / "summary.json",
+    ):
+        assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
     assert "up to date" in run(["dvc", "status"], other, env).stdout
 
 
@@ -164,3 +180,54 @@ def test_failed_repro_keeps_the_earlier_dataset(reproduced, tmp_path: Path):
     assert f"{labels}: truncated gzip stream" in completed.stderr
     assert snapshot(dataset) == before
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
+
+
+PROBE_STAGE = """
+  after_validate:
+    cmd: python -c "import pathlib; pathlib.Path('probe.txt').write_text('ran')"
+    deps:
+      - reports/validation/summary.json
+    outs:
+      - probe.txt:
+          cache: false
+"""
+
+
+def test_bad_data_stops_the_pipeline_at_validate(reproduced, tmp_path: Path):
+    """Data that fails validation never reaches a stage after validate.
+
+    The downstream stage here is a probe that depends on summary.json exactly as `train`
+    will. The bad data arrives as with a frozen ingest stage (data dropped in by hand or
+    pulled from elsewhere); a running ingest would rebuild the good dataset instead.
+    """
+    clone, env = reproduced
+    gate = tmp_path / "gate"
+    shutil.copytree(clone, gate, symlinks=True)
+    with (gate / "dvc.yaml").open("a") as dvc_yaml:
+        dvc_yaml.write(PROBE_STAGE)
+    completed = run(["dvc", "repro"], gate, env)
+    assert "Running stage 'after_validate'" in completed.stdout  # open on good data
+    probe = gate / "probe.txt"
+    probe.write_text("from the good data")
+
+    run(["dvc", "freeze", "ingest"], gate, env)
+    sample = real_sample(300, 100)
+    sample.train_labels[3] = 10
+    dataset = gate / "data" / "fashion_mnist" / "3.0.1"
+    shutil.rmtree(dataset)
+    write_tfds(tmp_path / "bad", sample).rename(dataset)
+    before = snapshot(dataset)
+
+    completed = subprocess.run(["dvc", "repro"], cwd=gate, env=env, capture_output=True, text=True)
+    assert completed.returncode != 0
+    assert "Running stage 'validate'" in completed.stdout
+    assert "Running stage 'after_validate'" not in completed.stdout
+    assert probe.read_text() == "from the good data"
+    failed = [line for line in completed.stderr.splitlines() if "validate: FAILED" in line]
+    assert any("labels_in_range" in line and "{index: 3, label: 10}" in line for line in failed)
+    assert any("row_count: observed 300; expected 60000 rows" in line for line in failed)
+    summary = json.loads((gate / "reports" / "validation" / "summary.json").read_text())
+    assert summary["passed"] is False  # the report of the failure is there to read
+    assert snapshot(dataset) == before  # validation never changes the data
+    status = run(["dvc", "status"], gate, env).stdout
+    assert "validate:" in status and "after_validate:" in status  # neither recorded as done
