@@ -130,6 +130,7 @@ def _split_table(builder, split: str) -> pd.DataFrame:
     import tensorflow as tf
 
     declared = builder.info.features["image"].shape
+    parts = None
     try:
         if all(dim is not None for dim in declared):
             try:
@@ -144,8 +145,7 @@ def _split_table(builder, split: str) -> pd.DataFrame:
                     declared,
                     _first_line(exc),
                 )
-                parts = [batch_stats(*example) for example in _examples_as_stored(builder, split)]
-        else:  # shapes may differ from image to image
+        if parts is None:  # shapes may differ from image to image
             parts = [batch_stats(*example) for example in _examples_as_stored(builder, split)]
     except tf.errors.OpError as exc:  # damaged shards, undecodable images
         raise DatasetError(f"{split} split: cannot read the examples: {_first_line(exc)}") from None
@@ -158,8 +158,12 @@ def _first_line(exc) -> str:
 
 def _table(split: str, parts: list[dict]) -> pd.DataFrame:
     names = COLUMNS[2:]  # all but split and index
-    columns = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in names}
-    table = pd.DataFrame(columns) if parts else pd.DataFrame(columns=list(names))
+    if parts:
+        table = pd.DataFrame(
+            {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in names}
+        )
+    else:  # an empty split
+        table = pd.DataFrame(columns=list(names))
     table.insert(0, "index", np.arange(len(table), dtype=np.int64))
     table.insert(0, "split", split)
     return table

@@ -273,3 +273,14 @@ def test_read_example_stats_on_the_tfds_format(tmp_path: Path, sample: Splits):
     assert len(train) == N_TRAIN and train["index"].tolist() == list(range(N_TRAIN))
     assert train["label"].tolist() == sample.train_labels.tolist()
     assert set(train["dtype"]) == {"uint8"} and set(train["height"]) == {28}
+
+
+def test_an_empty_split_fails_without_crashing(tmp_path: Path, sample: Splits, monkeypatch):
+    tables = read_example_stats(write_tfds(tmp_path / "data", sample))
+    tables["test"] = tables["test"].iloc[:0]
+    monkeypatch.setattr(validate, "read_example_stats", lambda _: tables)
+    report = validate.run_validate(CFG, EXPECTED, tmp_path / "data", tmp_path / "report")
+    assert {("test_examples", "row_count"), ("test_examples", "all_classes_present")} <= (
+        failed_checks(report)
+    )
+    assert report.summary["counts"]["test"]["examples"] == 0
