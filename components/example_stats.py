@@ -48,13 +48,18 @@ class DatasetError(ValueError):
     """The dataset cannot be read as an image-classification dataset; says what is wrong."""
 
 
-def open_dataset(dataset_dir: Path) -> tfds.core.DatasetBuilder:
-    """The tfds builder of a prepared dataset folder, checked for the features we read."""
-    if not (dataset_dir / "dataset_info.json").is_file():
+def require_prepared(dataset_dir: Path) -> None:
+    """Fail at once, before any expensive import, when the folder holds no tfds dataset."""
+    if not (Path(dataset_dir) / "dataset_info.json").is_file():
         raise DatasetError(
             f"{dataset_dir}: no prepared tfds dataset here (dataset_info.json is missing); "
             "run the ingest stage first: dvc repro ingest"
         )
+
+
+def open_dataset(dataset_dir: Path) -> tfds.core.DatasetBuilder:
+    """The tfds builder of a prepared dataset folder, checked for the features we read."""
+    require_prepared(dataset_dir)
     builder = tfds.builder_from_directory(str(dataset_dir))
     features = builder.info.features
     missing = [key for key in ("image", "label") if key not in features]

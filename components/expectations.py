@@ -248,6 +248,20 @@ def _observed(result: Mapping[str, Any]) -> str:
     return _short(result.get("observed_value"))
 
 
+def _error(exception_info: Any) -> str | None:
+    """GX's message when an expectation could not be evaluated (e.g. a missing column).
+
+    `exception_info` is one {raised_exception, exception_message} or a mapping of them
+    keyed by metric.
+    """
+    if not isinstance(exception_info, Mapping):
+        return None
+    if exception_info.get("raised_exception"):
+        return str(exception_info.get("exception_message"))
+    found = (_error(value) for value in exception_info.values())
+    return next((message for message in found if message), None)
+
+
 def _ids_first(row: Any, ids: Sequence[str]) -> Any:
     """A failing row as {id columns..., checked value}: `{index: 3, label: 10}`."""
     if not isinstance(row, Mapping):
@@ -306,12 +320,13 @@ def run_checks(tables: Sequence[CheckedTable], docs_dir: Path, run_name: str) ->
         results.append(result.to_json_dict())
         for item in result.results:
             meta = item.expectation_config.meta
+            error = _error(item.exception_info)
             outcomes.append(
                 Outcome(
                     table=table.name,
                     check=meta["check"],
-                    passed=bool(item.success),
-                    observed=_observed(item.result),
+                    passed=bool(item.success) and error is None,
+                    observed=f"error: {error}" if error else _observed(item.result),
                     expected=meta["expected"],
                 )
             )

@@ -37,7 +37,7 @@ import pandas as pd
 
 from components.atomic import recover_interrupted, replace_dir, scratch_beside
 from components.config import ConfigError, DataConfig, ValidateConfig, load_config
-from components.example_stats import SPLITS, DatasetError, read_example_stats
+from components.example_stats import SPLITS, DatasetError, read_example_stats, require_prepared
 from components.idx import FASHION_MNIST
 from components.ingest import CLASS_NAMES, DEFAULT_OUT_DIR, TFDS_VERSION
 
@@ -155,32 +155,46 @@ def _read_while_loading_gx(dataset_dir: Path, scratch: Path):
     return expectations, payload["tables"]
 
 
-def _checked_tables(expectations, tables, cfg: ValidateConfig, expected: Mapping[str, int]):
-    checked = []
-    for split in SPLITS:
-        checked.append(
-            expectations.CheckedTable(
-                name=f"{split}_examples",
-                frame=tables[split],
-                checks=expectations.example_checks(
-                    split, expected[split], cfg, against_train=split == "test"
-                ),
-                id_columns=("index", "label"),
-            )
+@dataclass(frozen=True)
+class _Tables:
+    """Everything checked: per-example tables, per-class tables (by split), the profile."""
+
+    examples: Mapping[str, pd.DataFrame]
+    classes: Mapping[str, pd.DataFrame]
+    profile: pd.DataFrame
+
+
+def _derive(examples: Mapping[str, pd.DataFrame]) -> _Tables:
+    mark_test_in_train(examples)
+    classes = {split: class_table(table) for split, table in examples.items()}
+    return _Tables(examples, classes, profile_table(examples))
+
+
+def _checked_tables(expectations, tables: _Tables, cfg: ValidateConfig, expected):
+    checked = [
+        expectations.CheckedTable(
+            name=f"{split}_examples",
+            frame=tables.examples[split],
+            checks=expectations.example_checks(
+                split, expected[split], cfg, against_train=split == "test"
+            ),
+            id_columns=("index", "label"),
         )
-    for split in SPLITS:
-        checked.append(
-            expectations.CheckedTable(
-                name=f"{split}_classes",
-                frame=class_table(tables[split]),
-                checks=expectations.class_checks(split, len(tables[split]), cfg),
-                id_columns=("label", "name"),
-            )
+        for split in SPLITS
+    ]
+    checked += [
+        expectations.CheckedTable(
+            name=f"{split}_classes",
+            frame=tables.classes[split],
+            checks=expectations.class_checks(split, len(tables.examples[split]), cfg),
+            id_columns=("label", "name"),
         )
+        for split in SPLITS
+    ]
     checked.append(
         expectations.CheckedTable(
             name="profile",
-            frame=profile_table(tables),
+            frame=tables.profile,
             checks=expectations.profile_checks(cfg),
             id_columns=("split",),
         )
@@ -188,16 +202,16 @@ def _checked_tables(expectations, tables, cfg: ValidateConfig, expected: Mapping
     return checked
 
 
-def _counts(tables: Mapping[str, pd.DataFrame], expected: Mapping[str, int]) -> dict:
+def _counts(tables: _Tables, expected: Mapping[str, int]) -> dict:
     counts = {}
-    for split, examples in tables.items():
+    for split, examples in tables.examples.items():
         counts[split] = {
             "examples": len(examples),
             "expected": expected[split],
             "duplicate_images": int(examples["hash"].duplicated().sum()),
-            "per_class": class_table(examples)["examples"].tolist(),
+            "per_class": tables.classes[split]["examples"].tolist(),
         }
-    counts["test"]["also_in_train"] = int(tables["test"]["in_train"].sum())
+    counts["test"]["also_in_train"] = int(tables.examples["test"]["in_train"].sum())
     return counts
 
 
@@ -254,17 +268,18 @@ def run_validate(
     """
     started = time.perf_counter()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    require_prepared(dataset_dir)
     recover_interrupted(out_dir)
     fingerprint = dataset_fingerprint(dataset_dir)
     with scratch_beside(out_dir) as scratch:
         if in_child:
-            expectations, tables = _read_while_loading_gx(dataset_dir, scratch)
+            expectations, examples = _read_while_loading_gx(dataset_dir, scratch)
         else:
-            tables, expectations = read_example_stats(dataset_dir), _load_gx()
-        mark_test_in_train(tables)
+            examples, expectations = read_example_stats(dataset_dir), _load_gx()
+        tables = _derive(examples)
         log.info(
             "read %s; checking them with Great Expectations",
-            ", ".join(f"{len(t)} {split}" for split, t in tables.items()),
+            ", ".join(f"{len(t)} {split}" for split, t in examples.items()),
         )
         report_dir = scratch / "report"
         run = expectations.run_checks(
@@ -281,8 +296,7 @@ def run_validate(
             "checks_evaluated": len(checks),
             "checks_failed": len(failed),
             "counts": _counts(tables, expected),
-            "profile": profile_table(tables)
-            .set_index("split")[["pixel_mean", "pixel_std"]]
+            "profile": tables.profile.set_index("split")[["pixel_mean", "pixel_std"]]
             .round(4)
             .to_dict(orient="index"),
             "failed": [vars(outcome) for outcome in failed],

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import validate
+from components import expectations, validate
 from components.config import DataConfig, ValidateConfig
 from components.example_stats import COLUMNS, DatasetError, batch_stats, read_example_stats
 from components.expectations import class_share_bounds
@@ -276,11 +276,29 @@ def test_read_example_stats_on_the_tfds_format(tmp_path: Path, sample: Splits):
 
 
 def test_an_empty_split_fails_without_crashing(tmp_path: Path, sample: Splits, monkeypatch):
-    tables = read_example_stats(write_tfds(tmp_path / "data", sample))
+    dataset = write_tfds(tmp_path / "data", sample)
+    tables = read_example_stats(dataset)
     tables["test"] = tables["test"].iloc[:0]
     monkeypatch.setattr(validate, "read_example_stats", lambda _: tables)
-    report = validate.run_validate(CFG, EXPECTED, tmp_path / "data", tmp_path / "report")
+    report = validate.run_validate(CFG, EXPECTED, dataset, tmp_path / "report")
     assert {("test_examples", "row_count"), ("test_examples", "all_classes_present")} <= (
         failed_checks(report)
     )
     assert report.summary["counts"]["test"]["examples"] == 0
+
+
+def test_a_check_gx_cannot_evaluate_fails_with_gx_s_message(tmp_path: Path):
+    table = expectations.CheckedTable(
+        name="profile",
+        frame=pd.DataFrame({"split": ["train"], "pixel_std": [90.0]}),
+        checks=expectations.profile_checks(CFG),
+        id_columns=("split",),
+    )
+    run = expectations.run_checks([table], tmp_path / "docs", run_name="test")
+    assert not run.passed
+    by_check = {outcome.check: outcome for outcome in run.outcomes}
+    assert by_check["pixel_std"].passed
+    assert not by_check["pixel_mean"].passed
+    assert 'error: Error: The column "pixel_mean" in BatchData does not exist' in (
+        by_check["pixel_mean"].observed
+    )
