@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m components.validate",
         description="Validate the ingested dataset with Great Expectations (stage 'validate').",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATASET_DIR, help="tfds dataset folder"
     )
