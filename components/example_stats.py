@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 import tensorflow_datasets as tfds  # cheap: TensorFlow itself loads on first use
 
+from components.cli import setup_logging
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
@@ -192,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset_dir", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    setup_logging(logging.WARNING)  # the parent stage reports; only warnings from here
     try:
         payload: dict = {"tables": read_example_stats(args.dataset_dir)}
     except DatasetError as exc:

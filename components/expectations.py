@@ -192,28 +192,19 @@ def class_checks(split: str, examples: int, cfg: ValidateConfig) -> tuple[gxe.Ex
 def profile_checks(cfg: ValidateConfig) -> tuple[gxe.Expectation, ...]:
     """Checks on the per-split pixel profile (split, examples, pixel_mean, pixel_std)."""
     ref = cfg.reference
-    return (
+    return tuple(
         _check(
-            "pixel_mean",
-            f"pixel mean within {ref.tolerance:g} of {ref.mean:g}",
+            f"pixel_{stat}",
+            f"pixel {stat} within {ref.tolerance:g} of {value:g}",
             gxe.ExpectColumnValuesToBeBetween(
-                column="pixel_mean",
-                min_value=ref.mean - ref.tolerance,
-                max_value=ref.mean + ref.tolerance,
+                column=f"pixel_{stat}",
+                min_value=value - ref.tolerance,
+                max_value=value + ref.tolerance,
             ),
-            "Each split's pixel mean matches Fashion-MNIST's (validate.reference): inverted, "
-            "rescaled or different images move it.",
-        ),
-        _check(
-            "pixel_std",
-            f"pixel std within {ref.tolerance:g} of {ref.std:g}",
-            gxe.ExpectColumnValuesToBeBetween(
-                column="pixel_std",
-                min_value=ref.std - ref.tolerance,
-                max_value=ref.std + ref.tolerance,
-            ),
-            "Each split's pixel std matches Fashion-MNIST's (validate.reference).",
-        ),
+            f"Each split's pixel {stat} matches Fashion-MNIST's (validate.reference): "
+            "inverted, rescaled or different images move it.",
+        )
+        for stat, value in (("mean", ref.mean), ("std", ref.std))
     )
 
 

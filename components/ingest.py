@@ -14,7 +14,6 @@ so a failed run leaves an earlier output as it was.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds  # cheap: TensorFlow itself loads on first use
 
 from components.atomic import recover_interrupted, replace_dir, scratch_beside
+from components.cli import setup_logging, stage_parser
 from components.config import ConfigError, DataConfig, load_config
 from components.idx import FASHION_MNIST, SourceError, SourceSpec, read_idx
 
@@ -291,16 +291,12 @@ def run_ingest(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.ingest",
-        description="Write Fashion-MNIST in tensorflow-datasets format (stage 'ingest').",
+    parser = stage_parser(
+        "ingest", "Write Fashion-MNIST in tensorflow-datasets format (stage 'ingest')."
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="dataset folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-    # tfds narrates its internals through absl at INFO/WARNING; our own lines say what happens.
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    setup_logging()
 
     try:
         cfg = load_config(args.params)

@@ -17,7 +17,6 @@ the data; the report folder is replaced as a whole, only once the new report is 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import html
 import json
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from components.atomic import recover_interrupted, replace_dir, scratch_beside
+from components.cli import setup_logging, stage_parser
 from components.config import ConfigError, DataConfig, ValidateConfig, load_config
 from components.example_stats import SPLITS, DatasetError, read_example_stats, require_prepared
 from components.idx import FASHION_MNIST
@@ -320,21 +320,15 @@ def run_validate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.validate",
-        description="Validate the ingested dataset with Great Expectations (stage 'validate').",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = stage_parser(
+        "validate", "Validate the ingested dataset with Great Expectations (stage 'validate')."
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATASET_DIR, help="tfds dataset folder"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_REPORT_DIR, help="report folder")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    # GX narrates its internals at INFO (doc registration, temporary folders).
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    setup_logging()
 
     try:
         cfg = load_config(args.params)
