@@ -26,10 +26,10 @@ from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
 from components.config import ValidateConfig
+from components.ingest import CLASS_NAMES, IMAGE_SHAPE
 
-NUM_CLASSES = 10
+NUM_CLASSES = len(CLASS_NAMES)
 LABELS = list(range(NUM_CLASSES))
-IMAGE_SHAPE = (28, 28, 1)
 # How far a class's share of a random sample of n examples strays by chance: the class
 # share bound is widened by this many standard errors, sqrt(p (1 - p) / n).
 SAMPLING_Z = 4.0
@@ -93,7 +93,6 @@ def example_checks(
     split: str, expected_rows: int, cfg: ValidateConfig, against_train: bool
 ) -> tuple[gxe.Expectation, ...]:
     """Checks on the per-example table of one split (see `components.example_stats`)."""
-    height, width, channels = IMAGE_SHAPE
     checks = [
         _check(
             "row_count",
@@ -101,23 +100,14 @@ def example_checks(
             gxe.ExpectTableRowCountToEqual(value=expected_rows),
             f"The {split} split holds every example: {expected_rows} (data.limit for train).",
         ),
-        _check(
-            "shape",
-            f"height {height}",
-            gxe.ExpectColumnValuesToBeInSet(column="height", value_set=[height]),
-            "Every image is 28x28x1, the shape the DCGAN is built for.",
-        ),
-        _check(
-            "shape",
-            f"width {width}",
-            gxe.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
-            "Every image is 28x28x1, the shape the DCGAN is built for.",
-        ),
-        _check(
-            "shape",
-            f"{channels} channel",
-            gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
-            "Every image is 28x28x1 (greyscale), the shape the DCGAN is built for.",
+        *(
+            _check(
+                "shape",
+                f"{column} {size}",
+                gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[size]),
+                "Every image is 28x28x1 (greyscale), the shape the DCGAN is built for.",
+            )
+            for column, size in zip(("height", "width", "channels"), IMAGE_SHAPE, strict=True)
         ),
         _check(
             "dtype",

@@ -53,6 +53,8 @@ CLASS_NAMES = (
     "Bag",
     "Ankle boot",
 )
+# The shape of every image the dataset holds: height, width, channels (greyscale).
+IMAGE_SHAPE = (28, 28, 1)
 # A stalled connection must fail, not hang the pipeline.
 NETWORK_TIMEOUT_S = 30
 PROVENANCE_FILE = "ingest.json"
@@ -180,7 +182,7 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dict]]:
-    assert images.ndim == 3 and images.shape[1:] == (28, 28), images.shape
+    assert images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE[:2], images.shape
     assert images.shape[0] == labels.shape[0], (images.shape, labels.shape)
     for index in range(images.shape[0]):
         yield index, {"image": _png(images[index]), "label": int(labels[index])}
@@ -190,7 +192,7 @@ def _features():
     # The same features as tfds's own fashion_mnist builder.
     return tfds.features.FeaturesDict(
         {
-            "image": tfds.features.Image(shape=(28, 28, 1)),
+            "image": tfds.features.Image(shape=IMAGE_SHAPE),
             "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
         }
     )
