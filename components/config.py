@@ -11,7 +11,7 @@ import copy
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -67,6 +67,21 @@ class ValidateConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(256, ge=1, le=65_536)
+    # The model (components/models.py); the tutorial's is 100 / 256 / 64 / 0.3.
+    latent_dim: int = Field(100, ge=1, le=4096)
+    generator_width: int = Field(256, ge=4, le=4096, multiple_of=4)
+    discriminator_width: int = Field(64, ge=1, le=4096)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    # Adam, the same for both networks.
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    beta_1: float = Field(0.5, ge=0, lt=1)
+    checkpoint_every: int = Field(1, ge=1, le=10_000)
+    keep_checkpoints: int = Field(2, ge=1, le=100)
+    grid_size: int = Field(64, ge=1, le=1024)
+    deterministic: bool = True
+    strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
+    mixed_precision: Literal["auto", "off", "float16", "bfloat16"] = "auto"
+    jit_compile: bool = False
 
 
 class GenerateConfig(_Section):
@@ -115,8 +130,12 @@ def _allowed_values(loc: tuple[Any, ...]) -> str | None:
         for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if getattr(rule, attr, None) is not None:
                 bounds.append(f"{symbol} {getattr(rule, attr)}")
+        if getattr(rule, "multiple_of", None):
+            bounds.append(f"a multiple of {rule.multiple_of}")
         if getattr(rule, "min_length", None):
             bounds.append(f"length >= {rule.min_length}")
+    if get_origin(field.annotation) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in get_args(field.annotation))
     kinds = [a.__name__ for a in getattr(field.annotation, "__args__", (field.annotation,))]
     nullable = "NoneType" in kinds
     text = " or ".join(k for k in kinds if k != "NoneType")

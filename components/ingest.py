@@ -19,10 +19,8 @@ import io
 import json
 import logging
 import socket
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +33,7 @@ from components.atomic import recover_interrupted, replace_dir, scratch_beside
 from components.cli import setup_logging, stage_parser
 from components.config import ConfigError, DataConfig, load_config
 from components.idx import FASHION_MNIST, SourceError, SourceSpec, read_idx
+from components.images import png_bytes
 
 log = logging.getLogger("ingest")
 
@@ -158,34 +157,11 @@ def read_verified(paths: dict[str, Path], spec: SourceSpec) -> FashionMnistArray
     )
 
 
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def _png(image: np.ndarray) -> bytes:
-    """One [H, W] uint8 image as 8-bit grey PNG bytes.
-
-    tfds stores images as PNG. Given arrays it encodes each through a TF graph call (and
-    Pillow spends most of its time in per-call machinery); for 70k tiny images a direct
-    encoder is several times faster. The round trip is pinned by tests.
-    """
-    height, width = image.shape
-    rows = np.zeros((height, width + 1), dtype=np.uint8)  # a leading 0 = filter "None"
-    rows[:, 1:] = image
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8 bit, greyscale
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
 def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dict]]:
     assert images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE[:2], images.shape
     assert images.shape[0] == labels.shape[0], (images.shape, labels.shape)
     for index in range(images.shape[0]):
-        yield index, {"image": _png(images[index]), "label": int(labels[index])}
+        yield index, {"image": png_bytes(images[index]), "label": int(labels[index])}
 
 
 def _features():

@@ -24,6 +24,7 @@ from components.idx import (
     Split,
     read_idx,
 )
+from components.images import png_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +148,7 @@ def write_tfds(root: Path, splits: Splits, image_shape=(28, 28, 1)) -> Path:
 
     def examples(images, labels):
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-            yield index, {"image": ingest._png(image), "label": int(label)}
+            yield index, {"image": png_bytes(image), "label": int(label)}
 
     tfds.disable_progress_bar()
     with contextlib.redirect_stdout(io.StringIO()):

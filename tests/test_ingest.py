@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from components import ingest
 from components.config import ConfigError, DataConfig
 from components.idx import SourceError
+from components.images import png_bytes
 from tests.conftest import REPO_ROOT, TinyMirror, idx_bytes, snapshot, write_gz
 
 
@@ -298,7 +299,7 @@ def test_png_encoding_is_valid_for_any_pixels():
         np.full((28, 28), 255, np.uint8),
         rng.integers(0, 256, (28, 28), dtype=np.uint8),
     ]:
-        decoded = np.asarray(Image.open(io.BytesIO(ingest._png(image))))
+        decoded = np.asarray(Image.open(io.BytesIO(png_bytes(image))))
         np.testing.assert_array_equal(decoded, image)
 
 
