@@ -60,6 +60,7 @@ test: env mirror
 bench: env mirror
 	dvc repro ingest
 	python benchmarks/validate_speed.py
+	python benchmarks/train_throughput.py --profile
 
 lint: env
 	ruff check . && ruff format --check .

@@ -110,10 +110,10 @@ def tutorial_worker(train_images):
             disc_loss, discriminator.trainable_variables
         )
         generator_optimizer.apply_gradients(
-            zip(gradients_of_generator, generator.trainable_variables)
+            zip(gradients_of_generator, generator.trainable_variables)  # noqa: B905
         )
         discriminator_optimizer.apply_gradients(
-            zip(gradients_of_discriminator, discriminator.trainable_variables)
+            zip(gradients_of_discriminator, discriminator.trainable_variables)  # noqa: B905
         )
         return gen_loss
 
@@ -131,12 +131,12 @@ def tutorial_worker(train_images):
 # ----------------------------------------------------------------------------- ours
 
 
-def ours_worker(dataset_dir: Path, profile: bool):
+def ours_worker(dataset_dir: Path):
     """The train stage's step and pipeline, with the tutorial's model size and batch."""
-    from components import train as stage  # sets the stage's process settings first
+    # The stage module first: it sets the stage's process settings before TensorFlow loads.
+    from components import train as stage  # noqa: I001
     from components.config import load_config
-
-    import tensorflow as tf  # noqa: I001 (after the stage module on purpose)
+    import tensorflow as tf
 
     cfg = load_config(REPO_ROOT / "params.yaml")
     tutorial_size = dict(
@@ -151,7 +151,7 @@ def ours_worker(dataset_dir: Path, profile: bool):
     policy = stage.resolve_precision(cfg.train.mixed_precision)
     with strategy.scope():
         gan = stage.build_gan(cfg, policy)
-    train_step = stage.make_train_step(gan, strategy, BATCH, NOISE_DIM, cfg.train.jit_compile)
+    train_step = stage.make_train_step(gan, strategy, cfg.train)
     batches = stage.epoch_batches(images, size, BATCH, cfg.seed, 1).repeat()
     iterator = iter(strategy.experimental_distribute_dataset(batches))
     print(f"ours: policy {policy}, {type(strategy).__name__}", file=sys.stderr)
@@ -159,12 +159,13 @@ def ours_worker(dataset_dir: Path, profile: bool):
     def step():
         return float(train_step(next(iterator))[0])
 
-    if profile:
-        _profile(gan, next(iterator), step)
-    return step
+    def profile():
+        _profile(gan, step)
+
+    return step, profile
 
 
-def _profile(gan, batch, full_step) -> None:
+def _profile(gan, full_step) -> None:
     """Time the parts of one step: where does it go?"""
     import tensorflow as tf
 
@@ -222,8 +223,9 @@ def _profile(gan, batch, full_step) -> None:
         print(f"  {name:45s} {1000 * statistics.median(times):8.1f}", file=sys.stderr)
 
 
-def worker_main(kind: str, dataset_dir: Path, profile: bool) -> None:
-    """Serve `run N` requests on stdin: time N steps, answer with one JSON line."""
+def worker_main(kind: str, dataset_dir: Path) -> None:
+    """Serve requests on stdin: `run N` times N steps, answered with one JSON line;
+    `profile` prints the breakdown of our step (stderr) and answers `{}`."""
     sys.path.insert(0, str(REPO_ROOT))
     if kind == "tutorial":
         import tensorflow_datasets as tfds
@@ -231,10 +233,14 @@ def worker_main(kind: str, dataset_dir: Path, profile: bool) -> None:
         data = tfds.as_numpy(
             tfds.builder_from_directory(str(dataset_dir)).as_dataset(split="train", batch_size=-1)
         )
-        step = tutorial_worker(data["image"])
+        step, profile = tutorial_worker(data["image"]), None
     else:
-        step = ours_worker(dataset_dir, profile)
+        step, profile = ours_worker(dataset_dir)
     for line in sys.stdin:
+        if line.strip() == "profile":
+            profile()
+            print("{}", flush=True)
+            continue
         count = int(line.split()[1])
         began = time.perf_counter()
         for _ in range(count):
@@ -249,18 +255,21 @@ def worker_main(kind: str, dataset_dir: Path, profile: bool) -> None:
 
 
 class Worker:
-    def __init__(self, kind: str, dataset_dir: Path, profile: bool):
+    def __init__(self, kind: str, dataset_dir: Path):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
         if kind == "tutorial":
             env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # TensorFlow's default, as a user has it
         command = [sys.executable, __file__, "--worker", kind, "--dataset-dir", str(dataset_dir)]
         self.process = subprocess.Popen(
-            command + (["--profile"] if profile else []),
+            command,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
 
     def run(self, steps: int) -> dict:
-        self.process.stdin.write(f"run {steps}\n")
+        return self.ask(f"run {steps}")
+
+    def ask(self, request: str) -> dict:
+        self.process.stdin.write(request + "\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         if not line:
@@ -282,14 +291,14 @@ def main() -> None:
     parser.add_argument("--worker", choices=["tutorial", "ours"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker_main(args.worker, args.dataset_dir, args.profile)
+        worker_main(args.worker, args.dataset_dir)
         return
     if not args.dataset_dir.is_dir():
         raise SystemExit(f"{args.dataset_dir}: no dataset; run `dvc repro ingest` first")
     if min(args.rounds, args.steps) < 1:
         raise SystemExit("--rounds and --steps must be at least 1")
 
-    workers = {kind: Worker(kind, args.dataset_dir, args.profile) for kind in ("tutorial", "ours")}
+    workers = {kind: Worker(kind, args.dataset_dir) for kind in ("tutorial", "ours")}
     rates: dict[str, list[float]] = {kind: [] for kind in workers}
     peaks: dict[str, float] = {}
     try:
@@ -301,6 +310,8 @@ def main() -> None:
                 rates[kind].append(answer["images"] / answer["seconds"])
                 peaks[kind] = answer["peak_mib"]
                 print(f"round {round_} {kind:8s} {rates[kind][-1]:7.1f} images/s", flush=True)
+        if args.profile:  # alone on the CPU, like the timed rounds
+            workers["ours"].ask("profile")
     finally:
         for worker in workers.values():
             worker.close()

@@ -75,6 +75,8 @@ class TrainConfig(_Section):
     # Adam, the same for both networks.
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     beta_1: float = Field(0.5, ge=0, lt=1)
+    # Exponential moving average of the generator's weights (0: off); samples come from it.
+    ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(1, ge=1, le=10_000)
     keep_checkpoints: int = Field(2, ge=1, le=100)
     grid_size: int = Field(64, ge=1, le=1024)

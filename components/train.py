@@ -217,6 +217,7 @@ class _Gan:
 
     generator: keras.Model
     discriminator: keras.Model
+    sampler: keras.Model  # what samples come from: the generator's moving average, or itself
     g_opt: keras.optimizers.Optimizer
     d_opt: keras.optimizers.Optimizer
     rng: tf.random.Generator
@@ -237,12 +238,15 @@ def build_gan(cfg: Config, policy: str) -> _Gan:
     keras.mixed_precision.set_global_policy(policy)
     try:
         generator = models.build_generator(train.latent_dim, train.generator_width)
+        average = models.build_generator(train.latent_dim, train.generator_width)
         discriminator = models.build_discriminator(train.discriminator_width, train.dropout)
         g_opt, d_opt = _optimizer(train, policy), _optimizer(train, policy)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
+    average.set_weights(generator.get_weights())
+    sampler = average if train.ema_decay > 0 else generator
     rng = tf.random.Generator.from_seed(cfg.seed)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     # Dropout draws from Keras seed generators whose state the models' own checkpoint
@@ -250,6 +254,7 @@ def build_gan(cfg: Config, policy: str) -> _Gan:
     dropout_seeds = [v for v in discriminator.variables if "seed_generator" in v.path]
     checkpoint = tf.train.Checkpoint(
         generator=generator,
+        generator_average=average,
         discriminator=discriminator,
         generator_optimizer=g_opt,
         discriminator_optimizer=d_opt,
@@ -257,13 +262,14 @@ def build_gan(cfg: Config, policy: str) -> _Gan:
         dropout_seeds=dropout_seeds,
         epoch=epoch,
     )
-    return _Gan(generator, discriminator, g_opt, d_opt, rng, epoch, checkpoint)
+    return _Gan(generator, discriminator, sampler, g_opt, d_opt, rng, epoch, checkpoint)
 
 
 def make_train_step(
-    gan: _Gan, strategy: tf.distribute.Strategy, global_batch: int, latent_dim: int, jit: bool
+    gan: _Gan, strategy: tf.distribute.Strategy, train: TrainConfig, jit: bool | None = None
 ) -> Callable:
     """One compiled step over a distributed batch -> (g_loss, d_loss, D(x), D(G(z))) means."""
+    global_batch, latent_dim = train.batch_size, train.latent_dim
     scaled = isinstance(gan.g_opt, keras.optimizers.LossScaleOptimizer)
 
     def replica_step(images):
@@ -289,9 +295,20 @@ def make_train_step(
         d_fake = tf.reduce_sum(tf.sigmoid(fake_logits)) / global_batch
         return g_loss, d_loss, d_real, d_fake
 
-    @tf.function(jit_compile=jit)
+    def update_average():
+        # Polyak averaging of every generator weight (BatchNorm's statistics included);
+        # the decay ramps up over the first steps so that early samples are not the
+        # random initial weights: min(decay, (1 + n) / (10 + n)) after n steps.
+        steps = tf.cast(gan.g_opt.iterations, tf.float32)
+        decay = tf.minimum(train.ema_decay, (1.0 + steps) / (10.0 + steps))
+        for average, weight in zip(gan.sampler.weights, gan.generator.weights, strict=True):
+            average.assign(decay * average + (1.0 - decay) * tf.cast(weight, average.dtype))
+
+    @tf.function(jit_compile=train.jit_compile if jit is None else jit)
     def step(batch):
         per_replica = strategy.run(replica_step, args=(batch,))
+        if train.ema_decay > 0:
+            update_average()
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica]
 
     return step
@@ -315,8 +332,16 @@ class _CheckpointDir:
 
     def restore_latest(self) -> tuple[int, list[dict[str, float]]]:
         """Restore the newest checkpoint; every object must match. -> (epoch, its history)."""
-        status = self.gan.checkpoint.restore(self.manager.latest_checkpoint)
-        status.assert_existing_objects_matched()
+        latest = self.manager.latest_checkpoint
+        try:
+            status = self.gan.checkpoint.restore(latest)
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as exc:
+            raise TrainingError(
+                f"{latest} does not fit the model although its fingerprint matches "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); the folder was changed "
+                f"by hand or damaged. Move {self.path} away to start fresh"
+            ) from None
         epoch = int(self.gan.epoch.numpy())
         history = json.loads((self.path / HISTORY_FILE).read_text())
         return epoch, [record for record in history if record["epoch"] <= epoch]
@@ -469,7 +494,7 @@ def run_train(
         size, steps, train.batch_size, start_epoch + 1, train.epochs,
         type(strategy).__name__, replicas, policy,
     )  # fmt: skip
-    step_fn = make_train_step(gan, strategy, train.batch_size, train.latent_dim, train.jit_compile)
+    step_fn = make_train_step(gan, strategy, train)
     latents = fixed_latents(cfg.seed, train.grid_size, train.latent_dim)
     recover_interrupted(report_dir)
     with scratch_beside(report_dir) as scratch:
@@ -478,7 +503,7 @@ def run_train(
             report.log_epoch(record, ckpts.frame_path(int(record["epoch"])))
         for epoch in range(start_epoch + 1, train.epochs + 1):
             record = _run_epoch(step_fn, strategy, images, size, cfg, epoch, steps)
-            ckpts.write_frame(epoch, _sample_grid(gan.generator, latents))
+            ckpts.write_frame(epoch, _sample_grid(gan.sampler, latents))
             history.append(record)
             report.log_epoch(record, ckpts.frame_path(epoch))
             log.info(_epoch_line(record, train.epochs))
@@ -488,7 +513,7 @@ def run_train(
                     stale = False
                 saved = ckpts.save(epoch, history, fingerprint)
                 log.info("checkpoint %s", saved)
-        save_generator(gan.generator, generator_path)
+        save_generator(gan.sampler, generator_path)
         report.close()
         replace_dir(scratch, report_dir)
     seconds = time.perf_counter() - started

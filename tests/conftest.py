@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from components.idx import (
     read_idx,
 )
 from components.images import png_bytes
+from components.validate import dataset_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,3 +167,20 @@ def write_tfds(root: Path, splits: Splits, image_shape=(28, 28, 1)) -> Path:
             download_config=tfds.download.DownloadConfig(try_download_gcs=False),
         )
     return root / ingest.TFDS_NAME / ingest.TFDS_VERSION
+
+
+@dataclass(frozen=True)
+class ValidatedData:
+    dataset_dir: Path
+    summary: Path
+
+
+def validated_data(root: Path, n_train: int, n_test: int = 20) -> ValidatedData:
+    """The first real examples as a tfds dataset, with the summary.json a passed validation
+    writes for it (passed, and this dataset's fingerprint): the train stage's inputs."""
+    dataset_dir = write_tfds(root / "data", real_sample(n_train, n_test))
+    summary = root / "summary.json"
+    summary.write_text(
+        json.dumps({"passed": True, "dataset_fingerprint": dataset_fingerprint(dataset_dir)})
+    )
+    return ValidatedData(dataset_dir, summary)

@@ -1,5 +1,6 @@
-"""End to end on the real data: `dvc repro` in a fresh git clone (ingest, then the
-validation gate), the dataset read back with tfds, and the gate stopping bad data.
+"""End to end on the real data: `dvc repro` in a fresh git clone (ingest, the validation
+gate, then a short training run with a small model), the outputs read back, and the gate
+stopping bad data before training.
 
 Needs Debian's dataset-fashion-mnist mirror (`make test` installs it when it can).
 """
@@ -14,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import yaml
 
 from tests.conftest import MIRROR, REPO_ROOT, real_sample, require_mirror, snapshot, write_tfds
 
@@ -60,11 +63,30 @@ def clone_working_tree(dest: Path) -> Path:
     return dest
 
 
+# One epoch of the full 60000 images with a model small enough to take seconds.
+SMOKE_TRAIN = {
+    "epochs": 1,
+    "generator_width": 16,
+    "discriminator_width": 8,
+    "latent_dim": 16,
+    "grid_size": 16,
+}
+
+
+def use_smoke_train_params(clone: Path) -> None:
+    """Commit smoke train params in the clone, so that git sees only DVC's own changes."""
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["train"].update(SMOKE_TRAIN)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([*GIT, "commit", "-q", "-am", "smoke train params"], cwd=clone, check=True)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     require_mirror()
     root = tmp_path_factory.mktemp("e2e")
     clone = clone_working_tree(root / "clone")
+    use_smoke_train_params(clone)
     home = root / "home"  # the default DVC remote lives under ~: keep it in the sandbox
     home.mkdir()
     env = {
@@ -84,6 +106,7 @@ def reproduced(workspace) -> tuple[Path, dict[str, str]]:
     print(f"dvc repro: {time.perf_counter() - started:.1f} s")
     assert "Running stage 'ingest'" in completed.stdout
     assert "Running stage 'validate'" in completed.stdout
+    assert "Running stage 'train'" in completed.stdout
     return clone, env
 
 
@@ -118,6 +141,21 @@ def test_repro_ingest_writes_the_full_dataset_readable_by_tfds(reproduced):
     assert train["image"].mean() == pytest.approx(72.94, abs=0.01)
 
 
+def test_repro_trains_a_generator_on_the_validated_data(reproduced):
+    clone, env = reproduced
+    generator = keras.saving.load_model(clone / "models" / "generator.keras", safe_mode=True)
+    assert generator.output_shape == (None, 28, 28, 1)
+    history = json.loads((clone / "models" / "checkpoints" / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1]
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], clone, env).stdout)
+    train_metrics = next(iter(metrics.values()))["data"]["reports/train/metrics.json"]["data"]
+    assert set(train_metrics["train"]) >= {"g_loss", "d_loss", "d_real", "d_fake"}
+    # The loss curves and the progress frames are DVC plots.
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], clone, env).stdout)
+    assert {"Losses", "Discriminator outputs", "Throughput"} <= set(plots)
+    assert any("progress/epoch_0001.png" in name for name in plots)
+
+
 def test_outputs_are_versioned_by_dvc_not_git(reproduced):
     clone, env = reproduced
     status = run(["git", "status", "--porcelain"], clone, env).stdout.split("\n")
@@ -136,6 +174,7 @@ def test_second_repro_does_nothing_and_says_so(reproduced):
     print(f"no-op dvc repro: {time.perf_counter() - started:.1f} s")
     assert "Stage 'ingest' didn't change, skipping" in completed.stdout
     assert "Stage 'validate' didn't change, skipping" in completed.stdout
+    assert "Stage 'train' didn't change, skipping" in completed.stdout
     assert "Data and pipelines are up to date." in completed.stdout
     assert marker.stat().st_mtime_ns == mtime
 
@@ -153,6 +192,8 @@ def test_push_and_pull_through_the_default_local_remote(reproduced):
     for restored in (
         other / "data" / "fashion_mnist" / "3.0.1" / "dataset_info.json",
         other / "reports" / "validation" / "summary.json",
+        other / "models" / "generator.keras",
+        other / "models" / "checkpoints" / "history.json",
     ):
         assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
     assert "up to date" in run(["dvc", "status"], other, env).stdout
@@ -182,33 +223,16 @@ def test_failed_repro_keeps_the_earlier_dataset(reproduced, tmp_path: Path):
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 
-PROBE_STAGE = """
-  after_validate:
-    cmd: python -c "import pathlib; pathlib.Path('probe.txt').write_text('ran')"
-    deps:
-      - reports/validation/summary.json
-    outs:
-      - probe.txt:
-          cache: false
-"""
+def test_bad_data_stops_the_pipeline_before_training(reproduced, tmp_path: Path):
+    """Data that fails validation never reaches `train`, which depends on summary.json.
 
-
-def test_bad_data_stops_the_pipeline_at_validate(reproduced, tmp_path: Path):
-    """Data that fails validation never reaches a stage after validate.
-
-    The downstream stage here is a probe that depends on summary.json exactly as `train`
-    will. The bad data arrives as with a frozen ingest stage (data dropped in by hand or
-    pulled from elsewhere); a running ingest would rebuild the good dataset instead.
+    The bad data arrives as with a frozen ingest stage (data dropped in by hand or pulled
+    from elsewhere); a running ingest would rebuild the good dataset instead.
     """
     clone, env = reproduced
     gate = tmp_path / "gate"
     shutil.copytree(clone, gate, symlinks=True)
-    with (gate / "dvc.yaml").open("a") as dvc_yaml:
-        dvc_yaml.write(PROBE_STAGE)
-    completed = run(["dvc", "repro"], gate, env)
-    assert "Running stage 'after_validate'" in completed.stdout  # open on good data
-    probe = gate / "probe.txt"
-    probe.write_text("from the good data")
+    models_before = snapshot(gate / "models")
 
     run(["dvc", "freeze", "ingest"], gate, env)
     sample = real_sample(300, 100)
@@ -221,8 +245,8 @@ def test_bad_data_stops_the_pipeline_at_validate(reproduced, tmp_path: Path):
     completed = subprocess.run(["dvc", "repro"], cwd=gate, env=env, capture_output=True, text=True)
     assert completed.returncode != 0
     assert "Running stage 'validate'" in completed.stdout
-    assert "Running stage 'after_validate'" not in completed.stdout
-    assert probe.read_text() == "from the good data"
+    assert "Running stage 'train'" not in completed.stdout
+    assert snapshot(gate / "models") == models_before  # the model of the good data stays
     failed = [line for line in completed.stderr.splitlines() if "validate: FAILED" in line]
     assert any("labels_in_range" in line and "{index: 3, label: 10}" in line for line in failed)
     assert any("row_count: observed 300; expected 60000 rows" in line for line in failed)
@@ -230,4 +254,13 @@ def test_bad_data_stops_the_pipeline_at_validate(reproduced, tmp_path: Path):
     assert summary["passed"] is False  # the report of the failure is there to read
     assert snapshot(dataset) == before  # validation never changes the data
     status = run(["dvc", "status"], gate, env).stdout
-    assert "validate:" in status and "after_validate:" in status  # neither recorded as done
+    assert "validate:" in status and "train:" in status  # neither recorded as done
+
+    # Run by hand, the stage itself refuses the data that failed.
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "components.train"], cwd=gate, env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert by_hand.returncode == 1
+    assert "the data failed validation (train_examples: labels_in_range" in by_hand.stderr
+    assert snapshot(gate / "models") == models_before
