@@ -24,7 +24,8 @@ def test_repository_params_parse_into_frozen_config():
     assert cfg.seed == 42
     assert cfg.data.mirror_dir == "/usr/share/datasets/fashion-mnist"
     assert cfg.data.limit is None
-    assert cfg.train.batch_size == 256
+    assert cfg.train.batch_size == 64  # the CPU default (README: Defaults, CPU and GPU)
+    assert (cfg.train.generator_width, cfg.train.discriminator_width) == (64, 32)
     assert cfg.generate.num_samples == 10_000
     assert cfg.validate.reference.mean == 72.94
     assert cfg.validate.reference.std == 90.02
