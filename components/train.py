@@ -323,8 +323,13 @@ class _CheckpointDir:
     def __init__(self, path: Path, gan: _Gan, keep: int):
         self.path = path
         self.gan = gan
+        self.keep = keep
         path.mkdir(parents=True, exist_ok=True)
         self.manager = tf.train.CheckpointManager(gan.checkpoint, str(path), max_to_keep=keep)
+        # Frames of a run that starts fresh over another fingerprint's checkpoints wait
+        # here until its first save, so that a run failing before then changes nothing.
+        self.pending_frames: dict[int, bytes] = {}
+        self.stale = False
 
     def stored_fingerprint(self) -> dict[str, Any] | None:
         file = self.path / FINGERPRINT_FILE
@@ -349,19 +354,26 @@ class _CheckpointDir:
     def frame_path(self, epoch: int) -> Path:
         return self.path / FRAMES_DIR / f"epoch_{epoch:04d}.png"
 
-    def write_frame(self, epoch: int, png: bytes) -> None:
-        _write_atomic(self.frame_path(epoch), png)
+    def add_frame(self, epoch: int, png: bytes) -> None:
+        if self.stale:
+            self.pending_frames[epoch] = png
+        else:
+            _write_atomic(self.frame_path(epoch), png)
 
-    def clear(self) -> None:
+    def _clear(self) -> None:
         """Drop another fingerprint's checkpoints, once this run has one of its own to save."""
         for child in self.path.iterdir():
-            if child.name != FRAMES_DIR:
-                child.unlink() if child.is_file() else shutil.rmtree(child)
+            child.unlink() if child.is_file() else shutil.rmtree(child)
         self.manager = tf.train.CheckpointManager(
-            self.gan.checkpoint, str(self.path), max_to_keep=self.manager._max_to_keep
+            self.gan.checkpoint, str(self.path), max_to_keep=self.keep
         )
+        for epoch, png in self.pending_frames.items():
+            _write_atomic(self.frame_path(epoch), png)
+        self.pending_frames, self.stale = {}, False
 
     def save(self, epoch: int, history: list[dict[str, float]], fingerprint: dict) -> str:
+        if self.stale:
+            self._clear()
         # History and fingerprint first; the checkpoint's pointer file, written last by
         # CheckpointManager, is what makes this epoch the one a resume starts from.
         _write_atomic(self.path / HISTORY_FILE, json.dumps(history, indent=1).encode())
@@ -399,12 +411,14 @@ class _Report:
 
         self.live = Live(dir=str(scratch), save_dvc_exp=False, dvcyaml=None)
 
-    def log_epoch(self, record: Mapping[str, float], frame: Path) -> None:
+    def log_epoch(self, record: Mapping[str, float], frame: Path | np.ndarray) -> None:
+        """One epoch's metrics and its sample grid (a uint8 image, or a PNG file's path)."""
         self.live.step = int(record["epoch"])
         for name, value in record.items():
             if name != "epoch":
                 self.live.log_metric(f"train/{name}", float(value))
-        self.live.log_image(f"progress/epoch_{int(record['epoch']):04d}.png", str(frame))
+        image = str(frame) if isinstance(frame, Path) else frame
+        self.live.log_image(f"progress/epoch_{int(record['epoch']):04d}.png", image)
         self.live.next_step()
 
     def close(self) -> None:
@@ -423,9 +437,9 @@ def _epoch_line(record: Mapping[str, float], epochs: int) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _sample_grid(generator: keras.Model, latents: np.ndarray) -> bytes:
+def _sample_grid(generator: keras.Model, latents: np.ndarray) -> np.ndarray:
     images = generator(latents, training=False)  # [n, 28, 28, 1] in [-1, 1]
-    return png_bytes(image_grid(to_uint8(images)))
+    return image_grid(to_uint8(images))
 
 
 def _count_examples(images: tf.data.Dataset) -> int:
@@ -469,7 +483,7 @@ def run_train(
         gan = build_gan(cfg, policy)
     ckpts = _CheckpointDir(checkpoint_dir, gan, train.keep_checkpoints)
 
-    start_epoch, history, stale = 0, [], False
+    start_epoch, history = 0, []
     if ckpts.manager.latest_checkpoint:
         stored = ckpts.stored_fingerprint()
         if stored == fingerprint:
@@ -482,7 +496,7 @@ def run_train(
                 checkpoint_dir,
                 ", ".join(changed),
             )
-            stale = True
+            ckpts.stale = True
     if start_epoch >= train.epochs:
         log.info(
             "nothing to train: the checkpoint holds %d epochs (train.epochs: %d)",
@@ -503,14 +517,12 @@ def run_train(
             report.log_epoch(record, ckpts.frame_path(int(record["epoch"])))
         for epoch in range(start_epoch + 1, train.epochs + 1):
             record = _run_epoch(step_fn, strategy, images, size, cfg, epoch, steps)
-            ckpts.write_frame(epoch, _sample_grid(gan.sampler, latents))
+            grid = _sample_grid(gan.sampler, latents)
+            ckpts.add_frame(epoch, png_bytes(grid))
             history.append(record)
-            report.log_epoch(record, ckpts.frame_path(epoch))
+            report.log_epoch(record, grid)
             log.info(_epoch_line(record, train.epochs))
             if epoch % train.checkpoint_every == 0 or epoch == train.epochs:
-                if stale:
-                    ckpts.clear()
-                    stale = False
                 saved = ckpts.save(epoch, history, fingerprint)
                 log.info("checkpoint %s", saved)
         save_generator(gan.sampler, generator_path)

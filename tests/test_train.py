@@ -215,12 +215,28 @@ def test_a_run_that_starts_fresh_and_fails_keeps_the_old_checkpoints(
 ):
     run_in(tmp_path, data, smoke_config(epochs=1, learning_rate=1e-3))
     before = snapshot(tmp_path / "models")
+    assert "checkpoints/frames/epoch_0001.png" in before
     real_loss = models.discriminator_loss
     monkeypatch.setattr(
         models, "discriminator_loss", lambda real, fake: real_loss(real, fake) + np.inf
     )
     with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 1: .*discriminator inf"):
         run_in(tmp_path, data, smoke_config(epochs=1))
+    assert snapshot(tmp_path / "models") == before
+
+    # Failing later, after a whole epoch (and its sample grid) but before the first save:
+    # the old run's checkpoints, history and frames are still all there, unchanged.
+    monkeypatch.setattr(models, "discriminator_loss", real_loss)
+    real_epoch = train._run_epoch
+
+    def failing_second_epoch(*args):
+        if args[5] == 2:
+            raise train.NonFiniteLossError("epoch 2, step 1: stand-in failure")
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train, "_run_epoch", failing_second_epoch)
+    with pytest.raises(train.NonFiniteLossError, match="stand-in"):
+        run_in(tmp_path, data, smoke_config(epochs=2, checkpoint_every=2))
     assert snapshot(tmp_path / "models") == before
 
 
