@@ -98,15 +98,22 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return clone, env
 
 
+STAGES = ("ingest", "validate", "train")
+
+
+def timed_repro(clone: Path, env: dict[str, str], label: str) -> subprocess.CompletedProcess:
+    started = time.perf_counter()
+    completed = run(["dvc", "repro"], clone, env)
+    print(f"{label}: {time.perf_counter() - started:.1f} s")
+    return completed
+
+
 @pytest.fixture(scope="module")
 def reproduced(workspace) -> tuple[Path, dict[str, str]]:
     clone, env = workspace
-    started = time.perf_counter()
-    completed = run(["dvc", "repro"], clone, env)
-    print(f"dvc repro: {time.perf_counter() - started:.1f} s")
-    assert "Running stage 'ingest'" in completed.stdout
-    assert "Running stage 'validate'" in completed.stdout
-    assert "Running stage 'train'" in completed.stdout
+    completed = timed_repro(clone, env, "dvc repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in completed.stdout
     return clone, env
 
 
@@ -171,12 +178,9 @@ def test_second_repro_does_nothing_and_says_so(reproduced):
     clone, env = reproduced
     marker = clone / "data" / "fashion_mnist" / "ingest.json"
     mtime = marker.stat().st_mtime_ns
-    started = time.perf_counter()
-    completed = run(["dvc", "repro"], clone, env)
-    print(f"no-op dvc repro: {time.perf_counter() - started:.1f} s")
-    assert "Stage 'ingest' didn't change, skipping" in completed.stdout
-    assert "Stage 'validate' didn't change, skipping" in completed.stdout
-    assert "Stage 'train' didn't change, skipping" in completed.stdout
+    completed = timed_repro(clone, env, "no-op dvc repro")
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in completed.stdout
     assert "Data and pipelines are up to date." in completed.stdout
     assert marker.stat().st_mtime_ns == mtime
 

@@ -341,13 +341,17 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_over_two_logical_cpus(data, tmp_path: Path):
-    params = {"seed": 7, "train": {**SMOKE, "epochs": 2, "strategy": "mirrored"}}
-    completed = subprocess.run(
+def run_on_two_cpus(data: ValidatedData, out: Path, **train_keys) -> subprocess.CompletedProcess:
+    params = {"seed": 7, "train": {**SMOKE, "strategy": "mirrored", **train_keys}}
+    return subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(params), str(data.dataset_dir),
-         str(data.summary), str(tmp_path)],
-        cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=300,
+         str(data.summary), str(out)],
+        cwd=out, env=stage_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def test_mirrored_strategy_over_two_logical_cpus(data, tmp_path: Path):
+    completed = run_on_two_cpus(data, tmp_path, epochs=2)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "MirroredStrategy, 2 replica(s)" in completed.stdout
     history = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -359,12 +363,7 @@ def test_mirrored_strategy_over_two_logical_cpus(data, tmp_path: Path):
 
 
 def test_an_uneven_split_over_replicas_is_refused(data, tmp_path: Path):
-    params = {"seed": 7, "train": {**SMOKE, "batch_size": 33, "strategy": "mirrored"}}
-    completed = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(params), str(data.dataset_dir),
-         str(data.summary), str(tmp_path)],
-        cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    completed = run_on_two_cpus(data, tmp_path, batch_size=33)
     assert completed.returncode != 0
     assert "train.batch_size: 33 does not split over 2 replicas" in completed.stderr
 
