@@ -146,8 +146,7 @@ def ours_worker(dataset_dir: Path):
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=tutorial_size)})
     tf.keras.utils.set_random_seed(cfg.seed)
     strategy = stage.make_strategy(cfg.train.strategy)
-    images = stage.load_images(dataset_dir)
-    size = stage._count_examples(images)
+    images, size = stage.load_images(dataset_dir)
     policy = stage.resolve_precision(cfg.train.mixed_precision)
     with strategy.scope():
         gan = stage.build_gan(cfg, policy)

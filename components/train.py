@@ -108,17 +108,19 @@ def require_validated(summary_path: Path, dataset_dir: Path) -> str:
     return fingerprint
 
 
-def load_images(dataset_dir: Path) -> tf.data.Dataset:
-    """The train split as float32 [28, 28, 1] in [-1, 1] (tanh's range), cached in memory."""
+def load_images(dataset_dir: Path) -> tuple[tf.data.Dataset, int]:
+    """The train split as float32 [28, 28, 1] in [-1, 1] (tanh's range), cached in memory,
+    and its size, from the dataset's metadata (validate has checked it against the rows)."""
     builder = tfds.builder_from_directory(str(dataset_dir))
     examples = builder.as_dataset(split="train", shuffle_files=False)
+    size = builder.info.splits["train"].num_examples
 
     def scale(example):
         image = tf.cast(example["image"], tf.float32) / 127.5 - 1.0
         image.shape.assert_is_compatible_with(models.IMAGE_SHAPE)
         return tf.ensure_shape(image, models.IMAGE_SHAPE)
 
-    return examples.map(scale, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    return examples.map(scale, num_parallel_calls=tf.data.AUTOTUNE).cache(), size
 
 
 def epoch_batches(images: tf.data.Dataset, size: int, batch: int, seed: int, epoch: int):
@@ -208,7 +210,7 @@ def _fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> 
             keys += [f"{key}.{k}" for k in _fingerprint_differences(old[key], new[key])]
         elif old.get(key) != new.get(key):
             keys.append(key)
-    return [k.removesuffix(".") for k in keys]
+    return keys
 
 
 @dataclass
@@ -442,10 +444,6 @@ def _sample_grid(generator: keras.Model, latents: np.ndarray) -> np.ndarray:
     return image_grid(to_uint8(images))
 
 
-def _count_examples(images: tf.data.Dataset) -> int:
-    return int(images.reduce(np.int64(0), lambda count, _: count + 1).numpy())
-
-
 def run_train(
     cfg: Config,
     dataset_dir: Path = DEFAULT_DATASET_DIR,
@@ -470,8 +468,7 @@ def run_train(
             f"train.batch_size: {train.batch_size} does not split over {replicas} replicas; "
             f"use a multiple of {replicas}"
         )
-    images = load_images(dataset_dir)
-    size = _count_examples(images)
+    images, size = load_images(dataset_dir)
     steps = size // train.batch_size
     if steps == 0:
         raise TrainingError(
