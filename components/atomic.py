@@ -1,4 +1,5 @@
-"""Replace an output folder all at once, so a failed or killed run never leaves half of one.
+"""Replace an output folder (or file) all at once, so a failed or killed run never leaves
+half of one.
 
 A stage builds its output in a scratch folder beside the destination (same file system, so
 the final move is a rename), then swaps it in with `replace_dir`. The earlier output stays
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -44,6 +46,14 @@ def replace_dir(new_dir: Path, out_dir: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write `path` beside itself, then rename it into place: readers see old or new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
 
 
 def recover_interrupted(out_dir: Path) -> None:

@@ -40,7 +40,12 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from components import models  # noqa: E402
-from components.atomic import recover_interrupted, replace_dir, scratch_beside  # noqa: E402
+from components.atomic import (
+    recover_interrupted,
+    replace_dir,
+    scratch_beside,
+    write_file_atomic,
+)  # noqa: E402
 from components.cli import setup_logging, stage_parser  # noqa: E402
 from components.config import Config, ConfigError, TrainConfig, load_config  # noqa: E402
 from components.images import image_grid, png_bytes, to_uint8  # noqa: E402
@@ -360,7 +365,7 @@ class _CheckpointDir:
         if self.stale:
             self.pending_frames[epoch] = png
         else:
-            _write_atomic(self.frame_path(epoch), png)
+            write_file_atomic(self.frame_path(epoch), png)
 
     def _clear(self) -> None:
         """Drop another fingerprint's checkpoints, once this run has one of its own to save."""
@@ -370,7 +375,7 @@ class _CheckpointDir:
             self.gan.checkpoint, str(self.path), max_to_keep=self.keep
         )
         for epoch, png in self.pending_frames.items():
-            _write_atomic(self.frame_path(epoch), png)
+            write_file_atomic(self.frame_path(epoch), png)
         self.pending_frames, self.stale = {}, False
 
     def save(self, epoch: int, history: list[dict[str, float]], fingerprint: dict) -> str:
@@ -378,17 +383,10 @@ class _CheckpointDir:
             self._clear()
         # History and fingerprint first; the checkpoint's pointer file, written last by
         # CheckpointManager, is what makes this epoch the one a resume starts from.
-        _write_atomic(self.path / HISTORY_FILE, json.dumps(history, indent=1).encode())
-        _write_atomic(self.path / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1).encode())
+        write_file_atomic(self.path / HISTORY_FILE, json.dumps(history, indent=1).encode())
+        write_file_atomic(self.path / FINGERPRINT_FILE, json.dumps(fingerprint, indent=1).encode())
         self.gan.epoch.assign(epoch)
         return self.manager.save(checkpoint_number=epoch)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_bytes(data)
-    os.replace(scratch, path)
 
 
 def save_generator(generator: keras.Model, path: Path) -> None:
