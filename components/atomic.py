@@ -70,3 +70,14 @@ def recover_interrupted(out_dir: Path) -> None:
     for leftover in [*backups, *parent.glob(f".{out_dir.name}.tmp-*")]:
         log.info("removing %s left by an interrupted run", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_model_atomic(model, path: Path) -> None:
+    """Save a Keras model (`model.save`) beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        model.save(scratch)
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)

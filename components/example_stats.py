@@ -183,6 +183,21 @@ def read_example_stats(dataset_dir: Path) -> dict[str, pd.DataFrame]:
     return {split: _split_table(builder, split) for split in SPLITS}
 
 
+def read_split(
+    dataset_dir: Path, split: str, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 28, 28] and labels int64 [N] of a split (its first `count` only,
+    when given), in stored order, through tfds (for the stages that use the data)."""
+    builder = open_dataset(Path(dataset_dir))
+    total = builder.info.splits[split].num_examples
+    selection = split if count is None or count >= total else f"{split}[:{count}]"
+    tfds.disable_progress_bar()
+    batch = tfds.as_numpy(builder.as_dataset(split=selection, batch_size=-1, shuffle_files=False))
+    images, labels = batch["image"], batch["label"].astype(np.int64)
+    assert images.ndim == 4 and images.shape[-1] == 1, images.shape
+    return images[..., 0], labels
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m components.example_stats DATASET_DIR OUT`: the tables, pickled to OUT.
 

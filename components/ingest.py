@@ -209,6 +209,23 @@ def _default_download_dir() -> Path:
     return Path.home() / "tensorflow_datasets" / "downloads"
 
 
+def fetch_verified(
+    cfg: DataConfig, spec: SourceSpec = FASHION_MNIST, download_dir: Path | None = None
+) -> tuple[FashionMnistArrays, str, str]:
+    """All of Fashion-MNIST, checked against the pinned digests, from the mirror (or tfds's
+    download when there is none); with the source's kind and location."""
+    mirror_dir = Path(cfg.mirror_dir)
+    paths = find_mirror(mirror_dir, spec)
+    if paths is not None:
+        source, location = "mirror", str(mirror_dir)
+        log.info("source: local mirror %s", mirror_dir)
+    else:
+        log.info("no mirror at %s; downloading %s through tfds", mirror_dir, TFDS_NAME)
+        paths, location = download_with_tfds(spec, download_dir or _default_download_dir())
+        source = "tfds-download"
+    return read_verified(paths, spec), source, location
+
+
 def run_ingest(
     cfg: DataConfig,
     out_dir: Path = DEFAULT_OUT_DIR,
@@ -224,17 +241,7 @@ def run_ingest(
         )
     out_dir = Path(out_dir)
     recover_interrupted(out_dir)
-    mirror_dir = Path(cfg.mirror_dir)
-    paths = find_mirror(mirror_dir, spec)
-    if paths is not None:
-        source, location = "mirror", str(mirror_dir)
-        log.info("source: local mirror %s", mirror_dir)
-    else:
-        log.info("no mirror at %s; downloading %s through tfds", mirror_dir, TFDS_NAME)
-        paths, location = download_with_tfds(spec, download_dir or _default_download_dir())
-        source = "tfds-download"
-
-    arrays = read_verified(paths, spec)
+    arrays, source, location = fetch_verified(cfg, spec, download_dir)
     if cfg.limit is not None:
         arrays = replace(
             arrays,

@@ -40,20 +40,26 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from components import models  # noqa: E402
-from components.atomic import (
+from components.atomic import (  # noqa: E402
     recover_interrupted,
     replace_dir,
+    save_model_atomic,
     scratch_beside,
     write_file_atomic,
-)  # noqa: E402
+)
 from components.cli import setup_logging, stage_parser  # noqa: E402
 from components.config import Config, ConfigError, TrainConfig, load_config  # noqa: E402
 from components.images import image_grid, png_bytes, to_uint8  # noqa: E402
-from components.validate import DEFAULT_DATASET_DIR, dataset_fingerprint  # noqa: E402
+from components.latents import fixed_latents  # noqa: E402
+from components.validate import (  # noqa: E402
+    DEFAULT_DATASET_DIR,
+    DEFAULT_SUMMARY,
+    UnvalidatedDataError,
+    require_validated,
+)
 
 log = logging.getLogger("train")
 
-DEFAULT_SUMMARY = Path("reports/validation/summary.json")
 DEFAULT_CHECKPOINT_DIR = Path("models/checkpoints")
 DEFAULT_GENERATOR = Path("models/generator.keras")
 DEFAULT_REPORT_DIR = Path("reports/train")
@@ -88,31 +94,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- inputs
 
 
-def require_validated(summary_path: Path, dataset_dir: Path) -> str:
-    """The dataset's fingerprint, once validate's summary says that this dataset passed."""
-    if not summary_path.is_file():
-        raise TrainingError(
-            f"{summary_path} is missing: the data has not been validated; "
-            "run `dvc repro validate` (or `python -m components.validate`) first"
-        )
-    summary = json.loads(summary_path.read_text())
-    if summary.get("passed") is not True:
-        failed = ", ".join(f"{f['table']}: {f['check']}" for f in summary.get("failed", []))
-        raise TrainingError(
-            f"{summary_path}: the data failed validation ({failed or 'see the report'}); "
-            "no model is trained on it. Fix the data, then re-run validate"
-        )
-    if not dataset_dir.is_dir():
-        raise TrainingError(f"{dataset_dir}: no dataset; run `dvc repro ingest` first")
-    fingerprint = dataset_fingerprint(dataset_dir)
-    if summary.get("dataset_fingerprint") != fingerprint:
-        raise TrainingError(
-            f"{dataset_dir} changed after it was validated ({summary_path} describes "
-            "another dataset); run `dvc repro validate` again"
-        )
-    return fingerprint
-
-
 def load_images(dataset_dir: Path) -> tuple[tf.data.Dataset, int]:
     """The train split as float32 [28, 28, 1] in [-1, 1] (tanh's range), cached in memory,
     and its size, from the dataset's metadata (validate has checked it against the rows)."""
@@ -140,19 +121,6 @@ def epoch_batches(images: tf.data.Dataset, size: int, batch: int, seed: int, epo
         images.shuffle(size, seed=order_seed, reshuffle_each_iteration=False)
         .batch(batch, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
-    )
-
-
-def fixed_latents(seed: int, count: int, latent_dim: int) -> np.ndarray:
-    """The latent batch [count, latent_dim] behind every sample grid of a run (and generate's).
-
-    Drawn with NumPy from its own stream of `seed`, so that it is the same for every epoch
-    and does not depend on, or disturb, the training's random numbers.
-    """
-    return (
-        np.random.default_rng([seed, 0x6A1D])
-        .standard_normal((count, latent_dim))
-        .astype(np.float32)
     )
 
 
@@ -389,17 +357,6 @@ class _CheckpointDir:
         return self.manager.save(checkpoint_number=epoch)
 
 
-def save_generator(generator: keras.Model, path: Path) -> None:
-    """Write the .keras file beside its destination, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
-        generator.save(scratch)
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- logging
 
 
@@ -520,7 +477,7 @@ def run_train(
             if epoch % train.checkpoint_every == 0 or epoch == train.epochs:
                 saved = ckpts.save(epoch, history, fingerprint)
                 log.info("checkpoint %s", saved)
-        save_generator(gan.sampler, generator_path)
+        save_model_atomic(gan.sampler, generator_path)
         report.close()
         replace_dir(scratch, report_dir)
     seconds = time.perf_counter() - started
@@ -572,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, args.dataset_dir, args.summary, args.checkpoint_dir, args.generator,
             args.report_dir,
         )  # fmt: skip
-    except (ConfigError, TrainingError) as exc:
+    except (ConfigError, TrainingError, UnvalidatedDataError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
     log.info(

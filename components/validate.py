@@ -80,6 +80,41 @@ def dataset_fingerprint(dataset_dir: Path) -> str:
     return digest.hexdigest()
 
 
+class UnvalidatedDataError(RuntimeError):
+    """A stage was asked to use data that has not passed validation (or has changed since)."""
+
+
+DEFAULT_SUMMARY = DEFAULT_REPORT_DIR / SUMMARY_FILE
+
+
+def require_validated(summary_path: Path, dataset_dir: Path) -> str:
+    """The dataset's fingerprint, once validate's summary says that this dataset passed.
+
+    Every stage that reads `data/` calls this first: no model is trained or judged on data
+    that failed the gate, or that changed after it passed.
+    """
+    if not summary_path.is_file():
+        raise UnvalidatedDataError(
+            f"{summary_path} is missing: the data has not been validated; "
+            "run `dvc repro validate` (or `python -m components.validate`) first"
+        )
+    summary = json.loads(summary_path.read_text())
+    if summary.get("passed") is not True:
+        failed = ", ".join(f"{f['table']}: {f['check']}" for f in summary.get("failed", []))
+        raise UnvalidatedDataError(
+            f"{summary_path}: the data failed validation ({failed or 'see the report'}); "
+            "no stage uses it. Fix the data, then re-run validate"
+        )
+    if not dataset_dir.is_dir():
+        raise UnvalidatedDataError(f"{dataset_dir}: no dataset; run `dvc repro ingest` first")
+    if summary.get("dataset_fingerprint") != dataset_fingerprint(dataset_dir):
+        raise UnvalidatedDataError(
+            f"{dataset_dir} changed after it was validated ({summary_path} describes "
+            "another dataset); run `dvc repro validate` again"
+        )
+    return summary["dataset_fingerprint"]
+
+
 def class_table(examples: pd.DataFrame) -> pd.DataFrame:
     """Per class 0..9: its name, how many examples of the split hold it, and their share."""
     counts = examples["label"].value_counts().reindex(range(len(CLASS_NAMES)), fill_value=0)

@@ -276,7 +276,7 @@ def test_unvalidated_or_failed_or_changed_data_is_refused(data, tmp_path: Path):
     cfg = smoke_config()
     missing = ValidatedData(data.dataset_dir, tmp_path / "nothing.json")
     with pytest.raises(
-        train.TrainingError, match="has not been validated; run `dvc repro validate`"
+        train.UnvalidatedDataError, match="has not been validated; run `dvc repro validate`"
     ):
         run_in(tmp_path, missing, cfg)
 
@@ -287,13 +287,13 @@ def test_unvalidated_or_failed_or_changed_data_is_refused(data, tmp_path: Path):
         )
     )
     with pytest.raises(
-        train.TrainingError, match=r"failed validation \(train_examples: duplicates\)"
+        train.UnvalidatedDataError, match=r"failed validation \(train_examples: duplicates\)"
     ):
         run_in(tmp_path, ValidatedData(data.dataset_dir, failed), cfg)
 
     stale = tmp_path / "stale.json"
     stale.write_text(json.dumps({"passed": True, "dataset_fingerprint": "0" * 64}))
-    with pytest.raises(train.TrainingError, match="changed after it was validated"):
+    with pytest.raises(train.UnvalidatedDataError, match="changed after it was validated"):
         run_in(tmp_path, ValidatedData(data.dataset_dir, stale), cfg)
     assert not (tmp_path / "models").exists()
 
