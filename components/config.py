@@ -86,8 +86,35 @@ class TrainConfig(_Section):
     jit_compile: bool = False
 
 
+class ClassifierConfig(_Section):
+    """The evaluation network (components/classifier.py): a small CNN on Fashion-MNIST."""
+
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(128, ge=1, le=60_000)
+    learning_rate: float = Field(2e-3, gt=0, lt=1, description="Peak of the cosine schedule.")
+    width: int = Field(32, ge=1, le=1024, description="Channels of the first convolution.")
+    train_limit: int | None = Field(
+        None, ge=1, le=FULL_TRAIN_SIZE, description="First N training images (null: all)."
+    )
+    min_test_accuracy: float = Field(0.9, ge=0, le=1)
+
+
 class GenerateConfig(_Section):
-    num_samples: int = Field(10_000, ge=1, le=1_000_000)
+    num_samples: int = Field(10_000, ge=2, le=1_000_000)
+    interpolation_pairs: int = Field(8, ge=1, le=64)
+    interpolation_steps: int = Field(10, ge=2, le=64)
+
+
+class EvaluateConfig(_Section):
+    feature_model: str = Field(
+        "classifier", min_length=1, description="`classifier`, or a Keras model file's path."
+    )
+    feature_layer: str = Field("features", description="Layer name; empty: the model's output.")
+    nearest_k: int = Field(5, ge=1, le=100)
+    kid_subsets: int = Field(100, ge=1, le=10_000)
+    kid_subset_size: int = Field(1000, ge=2, le=100_000)
+    score_splits: int = Field(10, ge=1, le=100)
+    real_images: int = Field(10_000, ge=2, le=FULL_TRAIN_SIZE)
 
 
 with warnings.catch_warnings():
@@ -100,7 +127,9 @@ with warnings.catch_warnings():
         data: DataConfig = DataConfig()
         validate: ValidateConfig = ValidateConfig()
         train: TrainConfig = TrainConfig()
+        classifier: ClassifierConfig = ClassifierConfig()
         generate: GenerateConfig = GenerateConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

@@ -27,6 +27,8 @@ def test_repository_params_parse_into_frozen_config():
     assert cfg.train.batch_size == 64  # the CPU default (README: Defaults, CPU and GPU)
     assert (cfg.train.generator_width, cfg.train.discriminator_width) == (64, 32)
     assert cfg.generate.num_samples == 10_000
+    assert cfg.classifier.train_limit is None  # the evaluation network sees all 60000 images
+    assert cfg.evaluate.feature_model == "classifier"
     assert cfg.validate.reference.mean == 72.94
     assert cfg.validate.reference.std == 90.02
     with pytest.raises(pydantic.ValidationError):
@@ -48,7 +50,13 @@ def test_repository_params_parse_into_frozen_config():
         ({"data": {"mirror_dir": 5}}, "data.mirror_dir", "valid string"),
         ({"seed": -3}, "seed", ">= 0"),
         ({"seed": True}, "seed", "valid integer"),
-        ({"generate": {"num_samples": 0}}, "generate.num_samples", ">= 1"),
+        ({"generate": {"num_samples": 1}}, "generate.num_samples", ">= 2"),
+        ({"generate": {"interpolation_steps": 1}}, "generate.interpolation_steps", ">= 2"),
+        ({"classifier": {"min_test_accuracy": 1.5}}, "classifier.min_test_accuracy", "<= 1"),
+        ({"classifier": {"train_limit": 0}}, "classifier.train_limit", "or null"),
+        ({"evaluate": {"nearest_k": 0}}, "evaluate.nearest_k", ">= 1"),
+        ({"evaluate": {"real_images": 70_000}}, "evaluate.real_images", "<= 60000"),
+        ({"evaluate": {"feature_model": ""}}, "evaluate.feature_model", "at least 1 character"),
         ({"data": {"limt": 10}}, "data.limt", "unknown key (allowed here: mirror_dir, limit)"),
         (
             {"trian": {"epochs": 1}},

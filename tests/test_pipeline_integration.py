@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import yaml
+from PIL import Image
 
 from tests.conftest import MIRROR, REPO_ROOT, real_sample, require_mirror, snapshot, write_tfds
 
@@ -63,22 +64,29 @@ def clone_working_tree(dest: Path) -> Path:
     return dest
 
 
-# One epoch of the full 60000 images with a model small enough to take seconds.
-SMOKE_TRAIN = {
-    "epochs": 1,
-    "generator_width": 16,
-    "discriminator_width": 8,
-    "latent_dim": 16,
-    "grid_size": 16,
+# One epoch of the full 60000 images with a model small enough to take seconds; a
+# classifier from 5000 images; the evaluation on 2000 samples.
+SMOKE = {
+    "train": {
+        "epochs": 1,
+        "generator_width": 16,
+        "discriminator_width": 8,
+        "latent_dim": 16,
+        "grid_size": 16,
+    },
+    "classifier": {"train_limit": 5000, "epochs": 1, "min_test_accuracy": 0.6},
+    "generate": {"num_samples": 2000},
+    "evaluate": {"real_images": 2000, "kid_subsets": 20, "kid_subset_size": 500},
 }
 
 
-def use_smoke_train_params(clone: Path) -> None:
-    """Commit smoke train params in the clone, so that git sees only DVC's own changes."""
+def use_smoke_params(clone: Path) -> None:
+    """Commit smoke params in the clone, so that git sees only DVC's own changes."""
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["train"].update(SMOKE_TRAIN)
+    for section, keys in SMOKE.items():
+        params[section].update(keys)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([*GIT, "commit", "-q", "-am", "smoke train params"], cwd=clone, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-am", "smoke params"], cwd=clone, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,7 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     require_mirror()
     root = tmp_path_factory.mktemp("e2e")
     clone = clone_working_tree(root / "clone")
-    use_smoke_train_params(clone)
+    use_smoke_params(clone)
     home = root / "home"  # the default DVC remote lives under ~: keep it in the sandbox
     home.mkdir()
     env = {
@@ -98,7 +106,7 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return clone, env
 
 
-STAGES = ("ingest", "validate", "train")
+STAGES = ("ingest", "validate", "classifier", "train", "generate", "evaluate")
 
 
 def timed_repro(clone: Path, env: dict[str, str], label: str) -> subprocess.CompletedProcess:
@@ -165,6 +173,82 @@ def test_repro_trains_a_generator_on_the_validated_data(reproduced):
     assert any("progress/epoch_0001.png" in name for name in plots)
 
 
+METRIC_KEYS = {
+    "fid", "kid", "inception_score", "precision", "recall", "density", "coverage",
+    "class_entropy_bits", "class_entropy_normalized", "smallest_class_share",
+    "classes_present", "class_shares",
+}  # fmt: skip
+
+
+def test_repro_generates_samples_and_evaluates_them_beside_the_floor(reproduced):
+    clone, env = reproduced
+    with np.load(clone / "samples" / "samples.npz", allow_pickle=False) as archive:
+        images = archive["images"]
+    assert images.dtype == np.uint8 and images.shape == (2000, 28, 28)
+
+    # grid.png (4x) shows the same images as training's last frame (2x): the same batch.
+    grid = np.asarray(Image.open(clone / "samples" / "grid.png"))
+    frame = np.asarray(
+        Image.open(clone / "reports/train/plots/images/progress/epoch_0001.png").convert("L")
+    )
+    cells_grid = [grid[2 + r * 114 : 2 + r * 114 + 112 : 4, 2 + c * 114 : 2 + c * 114 + 112 : 4]
+                  for r in range(4) for c in range(4)]  # fmt: skip
+    cells_frame = [frame[2 + r * 58 : 2 + r * 58 + 56 : 2, 2 + c * 58 : 2 + c * 58 + 56 : 2]
+                   for r in range(4) for c in range(4)]  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(cells_grid, cells_frame, strict=True))
+    assert Image.open(clone / "samples" / "progress.gif").n_frames == 1
+
+    classifier = json.loads((clone / "reports" / "classifier.json").read_text())
+    assert classifier["train_examples"] == 5000 and classifier["test_accuracy"] > 0.6
+    metrics = json.loads((clone / "reports" / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS and set(metrics["floor"]) == METRIC_KEYS
+    assert metrics["setup"]["samples"] == 2000 and metrics["setup"]["floor_images"] == 2000
+    assert metrics["setup"]["reference"] == "test split, 10000 images"
+    # One epoch of a tiny GAN is far from real data; real data is close to the test split.
+    assert metrics["fid"] > 5 * metrics["floor"]["fid"]
+    assert metrics["floor"]["precision"] > 0.6 and metrics["floor"]["recall"] > 0.6
+
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone, env).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert files["reports/metrics.json"]["data"]["fid"] == metrics["fid"]
+    assert "test_accuracy" in files["reports/classifier.json"]["data"]
+
+    rendered = clone.parent / "plots-rendered-samples"
+    plots = json.loads(
+        run(["dvc", "plots", "show", "--json", "-o", str(rendered)], clone, env).stdout
+    )["data"]
+    for image in ("samples/grid.png", "samples/interpolation.png", "samples/progress.gif",
+                  "reports/class_grid.png"):  # fmt: skip
+        assert any(image in name for name in plots), (image, sorted(plots))
+    assert any("class_histogram.json" in name for name in plots)
+
+
+def test_plots_diff_shows_two_revisions_samples_side_by_side(reproduced, tmp_path: Path):
+    clone, env = reproduced
+    copy = tmp_path / "copy"
+    shutil.copytree(clone, copy, symlinks=True)
+    run([*GIT, "add", "dvc.lock"], copy, env)
+    run([*GIT, "commit", "-q", "-m", "run A"], copy, env)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["generate"]["interpolation_steps"] = 6
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    completed = run(["dvc", "repro"], copy, env)
+    assert "Running stage 'generate'" in completed.stdout
+    assert "Running stage 'train'" not in completed.stdout
+
+    out = tmp_path / "diff"
+    diff = json.loads(run(["dvc", "plots", "diff", "HEAD", "--json", "-o", str(out)], copy,
+                          env).stdout)["data"]  # fmt: skip
+    revisions = {
+        entry["revisions"][0] for name, entries in diff.items()
+        if name.endswith("samples/interpolation.png") for entry in entries
+    }  # fmt: skip
+    assert revisions == {"HEAD", "workspace"}
+    sizes = {Image.open(entry["url"]).size for name, entries in diff.items()
+             if name.endswith("samples/interpolation.png") for entry in entries}  # fmt: skip
+    assert len(sizes) == 2  # 10 and 6 images per row: both revisions' own files
+
+
 def test_outputs_are_versioned_by_dvc_not_git(reproduced):
     clone, env = reproduced
     status = run(["git", "status", "--porcelain"], clone, env).stdout.split("\n")
@@ -193,7 +277,7 @@ def test_push_and_pull_through_the_default_local_remote(reproduced):
 
     # A second clone with nothing but git's files gets the data from the remote.
     other = clone_working_tree(clone.parent / "other")
-    use_smoke_train_params(other)
+    use_smoke_params(other)
     shutil.copy2(clone / "dvc.lock", other / "dvc.lock")
     run(["dvc", "pull"], other, env)
     for restored in (
@@ -201,6 +285,9 @@ def test_push_and_pull_through_the_default_local_remote(reproduced):
         other / "reports" / "validation" / "summary.json",
         other / "models" / "generator.keras",
         other / "models" / "checkpoints" / "history.json",
+        other / "models" / "classifier.keras",
+        other / "samples" / "samples.npz",
+        other / "reports" / "metrics.json",
     ):
         assert restored.read_bytes() == (clone / restored.relative_to(other)).read_bytes()
     assert "up to date" in run(["dvc", "status"], other, env).stdout
