@@ -32,7 +32,7 @@ export DO_NOT_TRACK := 1
 help:
 	@echo "make run    - run the pipeline (dvc repro) on params.yaml"
 	@echo "make test   - run the test suite"
-	@echo "make bench  - run the benchmarks (ingests the data first if needed)"
+	@echo "make bench  - run the benchmarks (~30 min; ingests the data and trains the classifier first if needed)"
 	@echo "make lint   - ruff check and format check"
 	@echo "make env    - only build the environment (.venv) from uv.lock"
 	@echo "add GPU=1 to any of them to install TensorFlow's CUDA libraries too"
@@ -58,9 +58,11 @@ test: env mirror
 	pytest
 
 bench: env mirror
-	dvc repro ingest
+	dvc repro ingest validate classifier
 	python benchmarks/validate_speed.py
 	python benchmarks/train_throughput.py --profile
+	python benchmarks/evaluate_speed.py
+	python benchmarks/quality_vs_tutorial.py
 
 lint: env
 	ruff check . && ruff format --check .

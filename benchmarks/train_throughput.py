@@ -40,7 +40,8 @@ NOISE_DIM = 100
 
 
 def tutorial_worker(train_images):
-    """The tutorial's code, kept as written there (names included); returns step()."""
+    """The tutorial's code, kept as written there (names included); returns step() and the
+    generator (which benchmarks/quality_vs_tutorial.py samples from)."""
     import tensorflow as tf
     from tensorflow.keras import layers
 
@@ -125,7 +126,7 @@ def tutorial_worker(train_images):
     def step():
         return float(train_step(next(batches)))
 
-    return step
+    return step, generator
 
 
 # ----------------------------------------------------------------------------- ours
@@ -232,7 +233,7 @@ def worker_main(kind: str, dataset_dir: Path) -> None:
         data = tfds.as_numpy(
             tfds.builder_from_directory(str(dataset_dir)).as_dataset(split="train", batch_size=-1)
         )
-        step, profile = tutorial_worker(data["image"]), None
+        (step, _), profile = tutorial_worker(data["image"]), None
     else:
         step, profile = ours_worker(dataset_dir)
     for line in sys.stdin:
