@@ -14,11 +14,9 @@ stage: metrics from a poor feature network would mislead.
 
 from __future__ import annotations
 
-import os
+from components.cli import prefer_onednn
 
-# As for training (components/train.py): oneDNN's kernels are faster on CPUs where
-# TensorFlow leaves them off by default. Must be set before TensorFlow is imported.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+prefer_onednn()  # before TensorFlow is imported, below
 
 import json  # noqa: E402
 import logging  # noqa: E402

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+
+def prefer_onednn() -> None:
+    """Turn on oneDNN's kernels unless the user has chosen: they make this project's
+    convolutions ~1.35x faster (training, measured by benchmarks/train_throughput.py) to
+    ~2x (the evaluation network's inference) on CPUs without AVX-512, where TensorFlow
+    leaves them off by default. Has effect only before TensorFlow is imported."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:

@@ -16,16 +16,14 @@ A non-finite loss stops training at once, before any further checkpoint is writt
 
 from __future__ import annotations
 
-import os
+from components.cli import prefer_onednn
 
-# oneDNN's kernels make this model's convolutions ~1.35x faster on CPUs without AVX-512
-# (measured: benchmarks/train_throughput.py), where TensorFlow leaves them off by default.
-# It must be set before TensorFlow is imported; an explicit setting by the user wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+prefer_onednn()  # before TensorFlow is imported, below
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
