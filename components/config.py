@@ -111,7 +111,7 @@ class EvaluateConfig(_Section):
     )
     feature_layer: str = Field("features", description="Layer name; empty: the model's output.")
     nearest_k: int = Field(5, ge=1, le=100)
-    kid_subsets: int = Field(100, ge=1, le=10_000)
+    kid_subsets: int = Field(50, ge=1, le=10_000)
     kid_subset_size: int = Field(1000, ge=2, le=100_000)
     score_splits: int = Field(10, ge=1, le=100)
     real_images: int = Field(10_000, ge=2, le=FULL_TRAIN_SIZE)
