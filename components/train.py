@@ -530,10 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError, UnvalidatedDataError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 1
+    if result.start_epoch >= result.final_epoch:
+        trained = f"nothing to train, the checkpoint is at epoch {result.final_epoch} already"
+    else:
+        trained = f"epochs {result.start_epoch + 1}..{result.final_epoch}" + (
+            " (resumed)" if result.resumed else ""
+        )
     log.info(
-        "done in %.1f s: epochs %d..%d%s; generator %s, report %s",
-        result.seconds, result.start_epoch + 1, result.final_epoch,
-        " (resumed)" if result.resumed else "", args.generator, args.report_dir,
+        "done in %.1f s: %s; generator %s, report %s",
+        result.seconds, trained, args.generator, args.report_dir,
     )  # fmt: skip
     return 0
 
