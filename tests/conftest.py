@@ -8,12 +8,15 @@ import hashlib
 import io
 import json
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import yaml
 
 from components import ingest
 from components.idx import (
@@ -184,3 +187,15 @@ def validated_data(root: Path, n_train: int, n_test: int = 20) -> ValidatedData:
         json.dumps({"passed": True, "dataset_fingerprint": dataset_fingerprint(dataset_dir)})
     )
     return ValidatedData(dataset_dir, summary)
+
+
+def assert_stage_refuses_params(stage: str, params: dict, message: str, tmp_path: Path) -> None:
+    """`python -m components.<stage> --params P` with bad params exits 1, naming the key."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    completed = subprocess.run(
+        [sys.executable, "-m", f"components.{stage}", "--params", str(path)],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert completed.returncode == 1, completed.stdout
+    assert message in completed.stderr, completed.stderr

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-import yaml
 
 from components import classifier
 from components.config import parse_config
-from tests.conftest import MIRROR, REPO_ROOT, require_mirror, snapshot
+from tests.conftest import MIRROR, assert_stage_refuses_params, require_mirror, snapshot
 
 # 3000 images, 2 epochs: seconds, and well above chance.
 QUICK = {"train_limit": 3000, "epochs": 2, "min_test_accuracy": 0.0}
@@ -82,11 +79,7 @@ def test_a_network_below_the_required_accuracy_fails_and_writes_nothing(trained,
 
 
 def test_the_command_line_names_a_bad_key(tmp_path: Path):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"classifier": {"epochs": 0}}))
-    completed = subprocess.run(
-        [sys.executable, "-m", "components.classifier", "--params", str(params)],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+    assert_stage_refuses_params(
+        "classifier", {"classifier": {"epochs": 0}},
+        "classifier.epochs: Input should be greater than or equal to 1", tmp_path,
     )  # fmt: skip
-    assert completed.returncode == 1
-    assert "classifier.epochs: Input should be greater than or equal to 1" in completed.stderr

@@ -18,7 +18,14 @@ from components import classifier, evaluate
 from components.config import parse_config
 from components.generate import npz_bytes
 from components.validate import UnvalidatedDataError
-from tests.conftest import MIRROR, REPO_ROOT, ValidatedData, real_sample, validated_data
+from tests.conftest import (
+    MIRROR,
+    REPO_ROOT,
+    ValidatedData,
+    assert_stage_refuses_params,
+    real_sample,
+    validated_data,
+)
 
 EVALUATE = {"real_images": 400, "kid_subsets": 10, "kid_subset_size": 200, "nearest_k": 3}
 METRIC_KEYS = {
@@ -194,10 +201,7 @@ def test_the_command_line_prints_figures_beside_floors(world, tmp_path: Path):
     assert "evaluate: FID" in completed.stdout and "real data" in completed.stdout
     assert (tmp_path / "m.json").is_file()
 
-    params.write_text(yaml.safe_dump({"evaluate": {"nearest_k": 0}}))
-    bad = subprocess.run(
-        [sys.executable, "-m", "components.evaluate", "--params", str(params)],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+    assert_stage_refuses_params(
+        "evaluate", {"evaluate": {"nearest_k": 0}},
+        "evaluate.nearest_k: Input should be greater than or equal to 1", tmp_path,
     )  # fmt: skip
-    assert bad.returncode == 1
-    assert "evaluate.nearest_k: Input should be greater than or equal to 1" in bad.stderr

@@ -16,7 +16,7 @@ from PIL import Image
 from components import generate, latents, models
 from components.config import parse_config
 from components.images import TEXT_BAND, image_grid, png_bytes, to_uint8
-from tests.conftest import REPO_ROOT, snapshot
+from tests.conftest import REPO_ROOT, assert_stage_refuses_params, snapshot
 
 LATENT_DIM = 16
 PARAMS = {
@@ -148,14 +148,10 @@ def test_missing_inputs_are_named_and_earlier_samples_kept(inputs, tmp_path: Pat
 
 
 def test_the_command_line_names_a_bad_key(tmp_path: Path):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"generate": {"num_samples": 0}}))
-    completed = subprocess.run(
-        [sys.executable, "-m", "components.generate", "--params", str(params)],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+    assert_stage_refuses_params(
+        "generate", {"generate": {"num_samples": 0}},
+        "generate.num_samples: Input should be greater than or equal to 2", tmp_path,
     )  # fmt: skip
-    assert completed.returncode == 1
-    assert "generate.num_samples: Input should be greater than or equal to 2" in completed.stderr
 
 
 def test_npz_bytes_round_trip_without_pickle_and_without_timestamps():
