@@ -132,12 +132,27 @@ def tutorial_worker(train_images):
 # ----------------------------------------------------------------------------- ours
 
 
-def ours_worker(dataset_dir: Path):
-    """The train stage's step and pipeline, with the tutorial's model size and batch."""
+def build_ours(cfg, dataset_dir: Path):
+    """The train stage's set-up for `cfg`, as run_train does it: seed, strategy, the cached
+    data, precision policy, models and compiled step. Returns (stage module, strategy,
+    images, size, gan, train_step); benchmarks/quality_vs_tutorial.py uses it too."""
     # The stage module first: it sets the stage's process settings before TensorFlow loads.
     from components import train as stage  # noqa: I001
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = stage.make_strategy(cfg.train.strategy)
+    images, size = stage.load_images(dataset_dir)
+    policy = stage.resolve_precision(cfg.train.mixed_precision)
+    with strategy.scope():
+        gan = stage.build_gan(cfg, policy)
+    print(f"ours: policy {policy}, {type(strategy).__name__}", file=sys.stderr)
+    return stage, strategy, images, size, gan, stage.make_train_step(gan, strategy, cfg.train)
+
+
+def ours_worker(dataset_dir: Path):
+    """The train stage's step and pipeline, with the tutorial's model size and batch."""
     from components.config import load_config
-    import tensorflow as tf
 
     cfg = load_config(REPO_ROOT / "params.yaml")
     tutorial_size = dict(
@@ -145,16 +160,9 @@ def ours_worker(dataset_dir: Path):
         dropout=0.3,
     )  # fmt: skip
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=tutorial_size)})
-    tf.keras.utils.set_random_seed(cfg.seed)
-    strategy = stage.make_strategy(cfg.train.strategy)
-    images, size = stage.load_images(dataset_dir)
-    policy = stage.resolve_precision(cfg.train.mixed_precision)
-    with strategy.scope():
-        gan = stage.build_gan(cfg, policy)
-    train_step = stage.make_train_step(gan, strategy, cfg.train)
+    stage, strategy, images, size, gan, train_step = build_ours(cfg, dataset_dir)
     batches = stage.epoch_batches(images, size, BATCH, cfg.seed, 1).repeat()
     iterator = iter(strategy.experimental_distribute_dataset(batches))
-    print(f"ours: policy {policy}, {type(strategy).__name__}", file=sys.stderr)
 
     def step():
         return float(train_step(next(iterator))[0])
