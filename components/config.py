@@ -8,13 +8,15 @@ types and out-of-range values are rejected before any work starts, with the dott
 from __future__ import annotations
 
 import copy
+import re
 import warnings
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -117,6 +119,37 @@ class EvaluateConfig(_Section):
     real_images: int = Field(10_000, ge=2, le=FULL_TRAIN_SIZE)
 
 
+# One cron field: numbers, names (MON, JAN), *, ranges, steps, lists, and ? L W # forms.
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*?/,#-]+")
+
+
+class ScheduleConfig(_Section):
+    """The deployment `dcgan-pipeline/nightly` (flows/serve.py): when it runs by itself."""
+
+    cron: str = Field("0 2 * * *", description="Five-field cron expression (minute first).")
+    timezone: str = Field("UTC", min_length=1, description="IANA time zone of `cron`.")
+    # A run due while another is active: cancel it (the next one comes on schedule), or
+    # queue it until the active one ends. Never side by side: they share one workspace.
+    on_collision: Literal["cancel", "enqueue"] = "cancel"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.fullmatch(f) for f in fields):
+            raise ValueError("expected five cron fields: minute hour day month weekday")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone such as UTC or Europe/Berlin") from None
+        return value
+
+
 with warnings.catch_warnings():
     # The section is named after its stage, `validate`, which shadows pydantic's deprecated
     # `BaseModel.validate` classmethod; nothing here uses that, so the warning is noise.
@@ -130,6 +163,7 @@ with warnings.catch_warnings():
         classifier: ClassifierConfig = ClassifierConfig()
         generate: GenerateConfig = GenerateConfig()
         evaluate: EvaluateConfig = EvaluateConfig()
+        schedule: ScheduleConfig = ScheduleConfig()
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -145,6 +179,8 @@ def _describe(error: Mapping[str, Any]) -> str:
         parent = _model_at(error["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see params.yaml"
         return f"{key}: unknown key (allowed here: {allowed})"
+    if error["type"] == "value_error":  # our own validators: the message says it all
+        return f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error['input']!r})"
     message = f"{key}: {error['msg']} (got {error['input']!r})"
     allowed = _allowed_values(error["loc"])
     return f"{message}; allowed: {allowed}" if allowed else message
