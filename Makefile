@@ -27,10 +27,17 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help env mirror run test bench lint clean-env
+# The Prefect server of `make ui`, which `make serve` serves the deployment against.
+PREFECT_HOST := 127.0.0.1
+PREFECT_PORT ?= 4200
+PREFECT_URL := http://$(PREFECT_HOST):$(PREFECT_PORT)/api
+
+.PHONY: help env mirror run ui serve test bench lint clean-env
 
 help:
-	@echo "make run    - run the pipeline (dvc repro) on params.yaml"
+	@echo "make run    - run the pipeline: the Prefect flow dcgan-pipeline, embedded (no server needed)"
+	@echo "make ui     - the Prefect server and UI on http://$(PREFECT_HOST):$(PREFECT_PORT)"
+	@echo "make serve  - serve the scheduled deployment dcgan-pipeline/nightly (needs make ui running)"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - run the benchmarks (~30 min; ingests the data and trains the classifier first if needed)"
 	@echo "make lint   - ruff check and format check"
@@ -51,8 +58,17 @@ env: $(SYNCED)
 mirror:
 	@scripts/ensure_mirror.sh $(MIRROR_DIR)
 
+# The flow with Prefect's embedded defaults: a temporary local API for this run, its record
+# kept in ~/.prefect (the UI of `make ui` shows it later). Every DVC stage in DAG order,
+# then the run saved as a DVC experiment. Options: `make run ARGS="--set train.epochs=1"`.
 run: env mirror
-	dvc repro
+	python -m flows.pipeline $(ARGS)
+
+ui: env
+	prefect server start --host $(PREFECT_HOST) --port $(PREFECT_PORT)
+
+serve: env mirror
+	PREFECT_API_URL=$(PREFECT_URL) python -m flows.serve
 
 test: env mirror
 	pytest
