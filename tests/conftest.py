@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -199,3 +200,57 @@ def assert_stage_refuses_params(stage: str, params: dict, message: str, tmp_path
     )  # fmt: skip
     assert completed.returncode == 1, completed.stdout
     assert message in completed.stderr, completed.stderr
+
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
+def clone_working_tree(dest: Path) -> Path:
+    """`git clone` of this repository, plus its uncommitted changes committed on top.
+
+    In CI the checkout is clean and this is a plain clone; while developing, the clone
+    still tests the files as they are in the working tree.
+    """
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(dest)], check=True)
+    changed = subprocess.run(
+        ["git", "ls-files", "-z", "--modified", "--deleted", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in sorted(set(filter(None, changed.split("\0")))):
+        source, target = REPO_ROOT / rel, dest / rel
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        else:
+            target.unlink(missing_ok=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest).returncode:
+        subprocess.run([*GIT, "commit", "-q", "-m", "working-tree changes"], cwd=dest, check=True)
+    return dest
+
+
+# One epoch of the full 60000 images with a model small enough to take seconds; a
+# classifier from 5000 images; the evaluation on 2000 samples.
+SMOKE = {
+    "train": {
+        "epochs": 1,
+        "generator_width": 16,
+        "discriminator_width": 8,
+        "latent_dim": 16,
+        "grid_size": 16,
+    },
+    "classifier": {"train_limit": 5000, "epochs": 1, "min_test_accuracy": 0.6},
+    "generate": {"num_samples": 2000},
+    "evaluate": {"real_images": 2000, "kid_subsets": 20, "kid_subset_size": 500},
+}
+
+
+def use_smoke_params(clone: Path, sections: dict[str, dict] = SMOKE) -> None:
+    """Commit smoke params in the clone, so that git sees only DVC's own changes."""
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for section, keys in sections.items():
+        params[section].update(keys)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([*GIT, "commit", "-q", "-am", "smoke params"], cwd=clone, check=True)

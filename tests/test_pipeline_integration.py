@@ -22,7 +22,16 @@ import tensorflow_datasets as tfds
 import yaml
 from PIL import Image
 
-from tests.conftest import MIRROR, REPO_ROOT, real_sample, require_mirror, snapshot, write_tfds
+from tests.conftest import (
+    GIT,
+    MIRROR,
+    clone_working_tree,
+    real_sample,
+    require_mirror,
+    snapshot,
+    use_smoke_params,
+    write_tfds,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,60 +42,6 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
         f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
     )
     return completed
-
-
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-
-
-def clone_working_tree(dest: Path) -> Path:
-    """`git clone` of this repository, plus its uncommitted changes committed on top.
-
-    In CI the checkout is clean and this is a plain clone; while developing, the clone
-    still tests the files as they are in the working tree.
-    """
-    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(dest)], check=True)
-    changed = subprocess.run(
-        ["git", "ls-files", "-z", "--modified", "--deleted", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in sorted(set(filter(None, changed.split("\0")))):
-        source, target = REPO_ROOT / rel, dest / rel
-        if source.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-        else:
-            target.unlink(missing_ok=True)
-    subprocess.run([*GIT, "add", "-A"], cwd=dest, check=True)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest).returncode:
-        subprocess.run([*GIT, "commit", "-q", "-m", "working-tree changes"], cwd=dest, check=True)
-    return dest
-
-
-# One epoch of the full 60000 images with a model small enough to take seconds; a
-# classifier from 5000 images; the evaluation on 2000 samples.
-SMOKE = {
-    "train": {
-        "epochs": 1,
-        "generator_width": 16,
-        "discriminator_width": 8,
-        "latent_dim": 16,
-        "grid_size": 16,
-    },
-    "classifier": {"train_limit": 5000, "epochs": 1, "min_test_accuracy": 0.6},
-    "generate": {"num_samples": 2000},
-    "evaluate": {"real_images": 2000, "kid_subsets": 20, "kid_subset_size": 500},
-}
-
-
-def use_smoke_params(clone: Path) -> None:
-    """Commit smoke params in the clone, so that git sees only DVC's own changes."""
-    params = yaml.safe_load((clone / "params.yaml").read_text())
-    for section, keys in SMOKE.items():
-        params[section].update(keys)
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([*GIT, "commit", "-q", "-am", "smoke params"], cwd=clone, check=True)
 
 
 @pytest.fixture(scope="module")
