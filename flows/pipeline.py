@@ -13,16 +13,19 @@ the task's log line by line. Prefect's own result caching is off for every task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 
 from components.config import ConfigError, load_config
@@ -45,6 +48,9 @@ from flows.workspace import (
 )
 
 FLOW_NAME = "dcgan-pipeline"
+# The server of `make ui`. When it is up and no other API is configured, the command line
+# sends its run there (it shows live in the UI); else Prefect starts a temporary one.
+LOCAL_SERVER_API = "http://127.0.0.1:4200/api"
 # Retries only for failures another try may not meet (flows/workspace.py TRANSIENT_ERRORS:
 # DVC's lock held by a finishing command, ingest's network download); a stage's own
 # failure, training's above all, fails its task at the first try.
@@ -224,8 +230,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ConfigError, PipelineError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2
-    state = dcgan_pipeline(overrides=overrides, experiment=args.experiment, return_state=True)
+    server = running_local_server()
+    with temporary_settings({PREFECT_API_URL: server}) if server else contextlib.nullcontext():
+        if server:
+            print(f"pipeline: recording the run on the Prefect server at {server} (make ui)")
+        state = dcgan_pipeline(overrides=overrides, experiment=args.experiment, return_state=True)
     return 0 if state.is_completed() else 1
+
+
+def running_local_server(api: str = LOCAL_SERVER_API) -> str | None:
+    """`api` when no Prefect API is configured and a server answers there, else None."""
+    if PREFECT_API_URL.value():
+        return None
+    try:
+        httpx.get(f"{api}/health", timeout=0.5).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return api
 
 
 if __name__ == "__main__":

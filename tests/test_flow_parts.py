@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 
 from components.config import ConfigError, ScheduleConfig
@@ -358,3 +359,31 @@ def test_serve_needs_a_real_server(monkeypatch, capsys):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on 9
     assert serve.main([]) == 2
     assert "no Prefect server answers at http://127.0.0.1:9/api" in capsys.readouterr().err
+
+
+def test_the_command_line_uses_the_local_server_only_when_one_answers(monkeypatch):
+    """`make run` records its run on `make ui`'s server when that is up and no other API is
+    configured; else Prefect's temporary server (None here)."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            assert pipeline.running_local_server(api) == api
+            assert pipeline.running_local_server("http://127.0.0.1:9/api") is None
+        with temporary_settings({PREFECT_API_URL: "http://elsewhere:4200/api"}):
+            assert pipeline.running_local_server(api) is None  # a configured API wins
+    finally:
+        server.shutdown()
