@@ -28,10 +28,9 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 
-from components.config import ConfigError, load_config
+from components.config import ConfigError
 from flows import artifacts
 from flows.workspace import (
-    PARAMS_FILE,
     PipelineError,
     TransientStageFailure,
     check_experiment_name,
@@ -165,9 +164,8 @@ def dcgan_pipeline(
     with workspace_lock(root, f"flow run {run_name}"):
         if restore_interrupted_params(root):
             logger.warning("params.yaml restored: a killed run had left its overrides in it")
-        check_overrides(root, overrides)  # ConfigError names the key; nothing has run yet
+        cfg = check_overrides(root, overrides)  # ConfigError names the key; nothing ran yet
         check_experiment_name(root, name)
-        train_epochs = load_config(root / PARAMS_FILE, overrides).train.epochs
         _tag_flow_run(run_id, name)
         stages = stage_order(root)
         logger.info("stages in DVC's order: %s; experiment '%s'", ", ".join(stages), name)
@@ -176,7 +174,7 @@ def dcgan_pipeline(
         with params_overridden(root, overrides):
             outcomes = [
                 run_dvc_stage.with_options(name=stage, task_run_name=stage)(
-                    root, stage, train_epochs
+                    root, stage, cfg.train.epochs
                 )
                 for stage in stages
             ]

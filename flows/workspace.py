@@ -30,7 +30,7 @@ from dvc.repo.reproduce import plan_repro
 from ruamel.yaml import YAML
 
 from components.atomic import write_file_atomic
-from components.config import load_config
+from components.config import Config, load_config
 
 # The flow's scratch space, inside DVC's own git-ignored tmp folder.
 FLOW_TMP = Path(".dvc") / "tmp" / "dcgan-pipeline"
@@ -207,9 +207,9 @@ def _stop_group(process: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------- params
 
 
-def check_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
-    """Raise ConfigError naming the key when params.yaml plus `overrides` is invalid."""
-    load_config(root / PARAMS_FILE, overrides=dict(overrides))
+def check_overrides(root: Path, overrides: Mapping[str, Any]) -> Config:
+    """params.yaml plus `overrides` as the run will see it; ConfigError names a bad key."""
+    return load_config(root / PARAMS_FILE, overrides=dict(overrides))
 
 
 def restore_interrupted_params(root: Path) -> bool:
