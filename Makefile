@@ -58,9 +58,10 @@ env: $(SYNCED)
 mirror:
 	@scripts/ensure_mirror.sh $(MIRROR_DIR)
 
-# The flow with Prefect's embedded defaults: a temporary local API for this run, its record
-# kept in ~/.prefect (the UI of `make ui` shows it later). Every DVC stage in DAG order,
-# then the run saved as a DVC experiment. Options: `make run ARGS="--set train.epochs=1"`.
+# The flow with Prefect's embedded defaults: a temporary local API for this run (or the
+# server of `make ui` on 127.0.0.1:4200 when it is up), its record kept in ~/.prefect.
+# Every DVC stage in DAG order, then the run saved as a DVC experiment.
+# Options: `make run ARGS="--set train.epochs=1 --experiment quick"`.
 run: env mirror
 	python -m flows.pipeline $(ARGS)
 
