@@ -164,40 +164,37 @@ def read_json(path: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- publishing
 
 
-def publish_validation(root: Path) -> bool:
+def publish_validation(root: Path) -> None:
     summary = read_json(root / SUMMARY_JSON)
     if summary is None:
-        return False
+        return
     status = "passed" if summary["passed"] else "FAILED"
     create_markdown_artifact(
         validation_markdown(summary), key=VALIDATION_KEY, description=f"Validation {status}"
     )
-    return True
 
 
-def publish_metrics(root: Path) -> bool:
+def publish_metrics(root: Path) -> None:
     metrics = read_json(root / METRICS_JSON)
     if metrics is None:
-        return False
+        return
     accuracy = (read_json(root / CLASSIFIER_JSON) or {}).get("test_accuracy")
     network = metrics.get("setup", {}).get("feature_network", "")
     description = f"Samples against the real-data floor; features: {network}"
     if accuracy is not None:
         description += f" (test accuracy {accuracy:.2%})"
     create_table_artifact(metrics_table(metrics), key=METRICS_KEY, description=description)
-    return True
 
 
-def publish_samples(root: Path) -> bool:
+def publish_samples(root: Path) -> None:
     images = {p.name: (root / p).read_bytes() for p in SAMPLE_IMAGES if (root / p).exists()}
     if not images:
-        return False
+        return
     create_markdown_artifact(
         samples_markdown(images, "Samples of the trained generator"),
         key=SAMPLES_KEY,
         description="samples/grid.png (training's fixed latent batch) and interpolation.png",
     )
-    return True
 
 
 # Stage -> what to publish once it has run (or been found up to date).
@@ -224,7 +221,6 @@ class TrainingProgress:
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
-        self.percent = 0.0
         self._artifact_id = None
 
     def percent_after(self, line: str) -> float | None:
@@ -240,16 +236,16 @@ class TrainingProgress:
             return 100.0
         return None
 
-    def start(self, description: str) -> None:
-        self._artifact_id = create_progress_artifact(0.0, key=PROGRESS_KEY, description=description)
+    def start(self, description: str, percent: float = 0.0) -> None:
+        self._artifact_id = create_progress_artifact(
+            percent, key=PROGRESS_KEY, description=description
+        )
 
     def feed(self, line: str) -> None:
         percent = self.percent_after(line)
         if percent is not None and self._artifact_id is not None:
-            self.percent = min(100.0, percent)
-            update_progress_artifact(self._artifact_id, self.percent)
+            update_progress_artifact(self._artifact_id, min(100.0, percent))
 
     def finish(self, description: str) -> None:
         if self._artifact_id is not None:
-            self.percent = 100.0
             update_progress_artifact(self._artifact_id, 100.0, description=description)

@@ -83,8 +83,7 @@ def run_dvc_stage(root: Path, stage: str, train_epochs: int) -> dict[str, Any]:
     if not reasons:
         logger.info("skipped: DVC finds stage '%s' up to date", stage)
         if progress:
-            progress.start(f"{train_epochs} epochs; up to date")
-            progress.finish(f"{train_epochs} epochs; up to date, nothing to train")
+            progress.start(f"{train_epochs} epochs; up to date, nothing to train", 100.0)
         _publish(root, stage)
         return {"stage": stage, "ran": False, "seconds": time.perf_counter() - started}
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvc.exceptions import NotDvcRepoError
 from dvc.lock import LockError
 from dvc.repo import Repo
 from dvc.repo.reproduce import plan_repro
@@ -85,8 +86,6 @@ def stage_failure(stage: str, returncode: int | None, error_lines: list[str]) ->
 
 def find_root(start: Path | None = None) -> Path:
     """The DVC repository holding `start` (the working directory by default)."""
-    from dvc.exceptions import NotDvcRepoError
-
     try:
         return Path(Repo.find_root(str(start or Path.cwd())))
     except NotDvcRepoError:
